@@ -1,0 +1,45 @@
+"""``nnunet-ext``: the command line of nnunet_ext (one subcommand per tool, ``--help`` on each)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("nnunet_ext.commands.env", "print the export line that lets nnU-Net find our trainers"),
+    "plan": ("nnunet_ext.commands.plan", "plan a dataset with one of our planners (nnU-Net's -pl cannot)"),
+    "make-demo-dataset": ("nnunet_ext.datasets.synthetic", "write the synthetic BraTS-like demo dataset"),
+    "demo": ("nnunet_ext.demo", "run the CPU demo end to end: data, plans, training, prediction, Dice"),
+    "evaluate": ("nnunet_ext.evaluation.evaluate", "Dice and HD95 per case and region (BraTS conventions)"),
+    "convert-msd": ("nnunet_ext.datasets.msd", "convert MSD Task01_BrainTumour into an nnU-Net region dataset"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser; only the chosen subcommand's module is imported (keeps ``--help`` fast)."""
+    parser = argparse.ArgumentParser(prog="nnunet-ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nnunet-ext`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    return args._module.run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

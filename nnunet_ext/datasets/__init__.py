@@ -1,0 +1,1 @@
+"""Dataset writers: MSD Task01 conversion and the synthetic demo dataset."""

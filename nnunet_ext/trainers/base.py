@@ -1,0 +1,61 @@
+"""Base trainer: applies what a trainer's name asks for (label budget, schedule, mirroring)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ext.data.budgets import DEFAULT_SEED, load_order_file, order_file_path, select_labeled
+from nnunet_ext.trainers.names import TrainerSpec
+
+LABELED_IDS_FILE = "labeled_cases.json"
+
+
+class ExtTrainer(nnUNetTrainer):
+    """nnUNetTrainer plus the name grammar; subclasses set ``trainer_spec`` (generated names do)."""
+
+    trainer_spec = TrainerSpec(base="ExtTrainer")
+    budget_seed = DEFAULT_SEED
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        spec = self.trainer_spec
+        if spec.epochs is not None:
+            self.num_epochs = spec.epochs
+        if spec.iters is not None:
+            self.num_iterations_per_epoch = spec.iters
+            self.num_val_iterations_per_epoch = max(1, spec.iters // 5)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """nnU-Net's augmentation setup; without mirroring (training and inference) for ``_noMirroring``."""
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.trainer_spec.mirroring:
+            mirror_axes = None
+            self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    def do_split(self):
+        """nnU-Net's split, with the training cases cut to the label budget (ids written to disk)."""
+        tr_keys, val_keys = super().do_split()
+        budget = self.trainer_spec.labels
+        if budget is None:
+            return tr_keys, val_keys
+        order_file = order_file_path(self.preprocessed_dataset_folder_base)
+        order = load_order_file(order_file) if os.path.isfile(order_file) else None
+        try:
+            labeled = select_labeled(tr_keys, budget, order, self.budget_seed)
+        except ValueError as e:
+            raise ValueError(f"{self.__class__.__name__}, fold {self.fold}: {e}") from None
+        self.print_to_log_file(f"Label budget {budget}: training on {labeled} "
+                               f"({'pinned order ' + order_file if order else f'seeded order, seed {self.budget_seed}'})")
+        if self.local_rank == 0:
+            save_json({"trainer": self.__class__.__name__, "fold": self.fold, "label_budget": budget,
+                       "labeled": list(labeled), "fold_training_cases": len(tr_keys),
+                       "order_source": order_file if order else f"seeded (seed {self.budget_seed})"},
+                      os.path.join(self.output_folder, LABELED_IDS_FILE), sort_keys=False)
+        return labeled, val_keys
