@@ -1,0 +1,1 @@
+"""Segmentation metrics (Dice, HD95 with a named empty-mask policy) and folder evaluation."""

@@ -1,0 +1,317 @@
+"""Evaluate a folder of predicted label maps against ground truth: Dice and HD95 per case and region.
+
+Follows ``nnUNetv2_evaluate_folder``: files are matched by name, the file ending comes from dataset.json,
+and both folders hold label maps (predictions of region-trained models are already converted back to
+label maps with ``regions_class_order``). Evaluated regions come from dataset.json ``labels``: every entry
+except background and ``ignore``, named by its key; a list entry is a region (e.g. ``"tumor core": [2, 3]``),
+an integer entry a single label. Region mask = ``np.isin(label_map, region_labels)``. Voxels that carry
+the ignore label in the ground truth are removed from the prediction masks. See ``metrics`` for the Dice
+and HD95 conventions and the empty-mask policies.
+
+Outputs: a JSON summary (default ``PRED_FOLDER/summary_{policy}.json``) and a per-case CSV beside it
+(same path with ``.csv``; one row per case and region: case, region, dice, hd95_mm, n_ref, n_pred).
+"""
+
+import argparse
+import csv
+import json
+import math
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+from nnunet_ext.evaluation.metrics import (
+    DICE_CONVENTION,
+    EMPTY_POLICIES,
+    EMPTY_POLICY_DESCRIPTIONS,
+    HD95_CONVENTION,
+    dice,
+    hd95,
+)
+
+METRICS = ("Dice", "HD95")
+
+STATISTICS_CONVENTION = (
+    "mean, median and std (population, ddof=0) over cases, NaN values left out (n = number of non-NaN "
+    "values); mean_excluding_both_empty leaves out the cases where reference and prediction are both empty "
+    "(nnU-Net's convention); foreground_mean = mean over regions of the per-region means; "
+    "NaN is written as null"
+)
+
+
+def regions_from_dataset_json(dataset_json: dict) -> dict[str, tuple[int, ...]]:
+    """Return the evaluated regions ``{dataset.json key: labels}``: every entry but background and ignore."""
+    LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))  # nnU-Net's own checks
+    regions = {}
+    for name, value in dataset_json["labels"].items():
+        labels = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+        if name != "ignore" and any(labels):
+            regions[name] = labels
+    if not regions:
+        raise ValueError(f"dataset.json labels {dataset_json['labels']} define no foreground label or region")
+    return regions
+
+
+def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a label map with SimpleITK; return the array (z, y, x) and its spacing in the same axis order."""
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), tuple(image.GetSpacing())[::-1]
+
+
+def case_metrics(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    regions: dict[str, tuple[int, ...]],
+    spacing: tuple[float, ...],
+    empty_policy: str = "brats",
+    ignore_label: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Return ``{region: {Dice, HD95, n_ref, n_pred}}`` for one pair of label maps of the same shape."""
+    keep = reference != ignore_label if ignore_label is not None else np.ones(reference.shape, dtype=bool)
+    results = {}
+    for name, labels in regions.items():
+        ref_mask = np.isin(reference, labels)
+        pred_mask = np.isin(prediction, labels) & keep
+        results[name] = {
+            "Dice": dice(pred_mask, ref_mask, empty_policy),
+            "HD95": hd95(pred_mask, ref_mask, spacing, empty_policy),
+            "n_ref": int(ref_mask.sum()),
+            "n_pred": int(pred_mask.sum()),
+        }
+    return results
+
+
+def evaluate_case(
+    reference_file: Path,
+    prediction_file: Path,
+    regions: dict[str, tuple[int, ...]],
+    empty_policy: str = "brats",
+    ignore_label: int | None = None,
+) -> dict:
+    """Read one reference/prediction pair and return its metrics with the case's files, shape and spacing."""
+    reference, spacing = read_label_map(reference_file)
+    prediction, pred_spacing = read_label_map(prediction_file)
+    if reference.shape != prediction.shape:
+        raise ValueError(
+            f"shape mismatch: reference {reference_file} has {reference.shape}, "
+            f"prediction {prediction_file} has {prediction.shape}"
+        )
+    if not np.allclose(spacing, pred_spacing, rtol=1e-4):
+        raise ValueError(
+            f"spacing mismatch: reference {reference_file} has {spacing}, "
+            f"prediction {prediction_file} has {pred_spacing}"
+        )
+    return {
+        "reference_file": str(reference_file),
+        "prediction_file": str(prediction_file),
+        "shape": list(reference.shape),
+        "spacing": [float(s) for s in spacing],
+        "metrics": case_metrics(reference, prediction, regions, spacing, empty_policy, ignore_label),
+    }
+
+
+def _list_cases(folder: Path, file_ending: str) -> list[str]:
+    """Return the sorted case ids of the files in ``folder`` that end with ``file_ending``."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {folder} does not exist")
+    return sorted(
+        p.name[: -len(file_ending)]
+        for p in folder.iterdir()
+        if p.name.endswith(file_ending) and not p.name.startswith(".")
+    )
+
+
+def _match_cases(gt_folder: Path, pred_folder: Path, file_ending: str, chill: bool) -> list[str]:
+    """Return the case ids to evaluate: every prediction, which must have a reference file."""
+    predicted = _list_cases(pred_folder, file_ending)
+    references = set(_list_cases(gt_folder, file_ending))
+    if not predicted:
+        raise FileNotFoundError(f"no predictions ending in {file_ending!r} in {pred_folder}")
+    without_reference = [c for c in predicted if c not in references]
+    if without_reference:
+        raise FileNotFoundError(
+            f"predictions without a reference file in {gt_folder}: {without_reference[:10]}"
+        )
+    not_predicted = sorted(references.difference(predicted))
+    if not_predicted and not chill:
+        raise FileNotFoundError(
+            f"{len(not_predicted)} reference cases have no prediction in {pred_folder} (e.g. "
+            f"{not_predicted[:10]}); pass --chill (chill=True) to evaluate only the predicted cases"
+        )
+    return predicted
+
+
+def _statistics(values: list[float], both_empty: list[bool]) -> dict[str, float | int]:
+    """Return mean, median, std, n (non-NaN), mean_excluding_both_empty and n_both_empty of one metric."""
+    array = np.asarray(values, dtype=float)
+    finite = array[~np.isnan(array)]
+    kept = array[~np.asarray(both_empty) & ~np.isnan(array)]
+    return {
+        "mean": float(finite.mean()) if finite.size else math.nan,
+        "median": float(np.median(finite)) if finite.size else math.nan,
+        "std": float(finite.std()) if finite.size else math.nan,
+        "n": int(finite.size),
+        "mean_excluding_both_empty": float(kept.mean()) if kept.size else math.nan,
+        "n_both_empty": int(np.sum(both_empty)),
+    }
+
+
+def summarize(per_case: list[dict], regions: dict[str, tuple[int, ...]]) -> dict:
+    """Return ``{"summary": {region: {metric: statistics}}, "foreground_mean": {metric: value}}``."""
+    summary = {}
+    for name in regions:
+        cases = [c["metrics"][name] for c in per_case]
+        both_empty = [c["n_ref"] == 0 and c["n_pred"] == 0 for c in cases]
+        summary[name] = {m: _statistics([c[m] for c in cases], both_empty) for m in METRICS}
+    foreground_mean = {m: float(np.mean([summary[r][m]["mean"] for r in regions])) for m in METRICS}
+    return {"summary": summary, "foreground_mean": foreground_mean}
+
+
+def _json_safe(value):
+    """Return ``value`` with NaN floats replaced by None, recursively, so that the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_per_case_csv(result: dict, path: Path) -> None:
+    """Write one CSV row per case and region: case, region, dice, hd95_mm, n_ref, n_pred."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "region", "dice", "hd95_mm", "n_ref", "n_pred"])
+        for case in result["metric_per_case"]:
+            for region, m in case["metrics"].items():
+                writer.writerow([case["case"], region, m["Dice"], m["HD95"], m["n_ref"], m["n_pred"]])
+
+
+def _load_dataset_json(dataset_json: str | Path | dict) -> dict:
+    """Return dataset.json as a dict, given its path or the dict itself."""
+    if isinstance(dataset_json, dict):
+        return dataset_json
+    with open(dataset_json) as f:
+        return json.load(f)
+
+
+def evaluate_folder(
+    gt_folder: str | Path,
+    pred_folder: str | Path,
+    dataset_json: str | Path | dict,
+    output_json: str | Path | None = None,
+    policy: str = "brats",
+    num_processes: int = 1,
+    chill: bool = False,
+) -> dict:
+    """Evaluate all predictions in ``pred_folder``; write JSON summary and per-case CSV; return the summary.
+
+    ``output_json`` defaults to ``pred_folder/summary_{policy}.json``; the CSV goes to the same path with
+    ``.csv``. The returned dict is the JSON content, except that NaN stays NaN (the file has null).
+    """
+    if policy not in EMPTY_POLICIES:
+        raise ValueError(f"empty-mask policy must be one of {EMPTY_POLICIES}, got {policy!r}")
+    gt_folder, pred_folder = Path(gt_folder), Path(pred_folder)
+    dataset = _load_dataset_json(dataset_json)
+    file_ending = dataset["file_ending"]
+    regions = regions_from_dataset_json(dataset)
+    ignore_label = dataset["labels"].get("ignore")
+    cases = _match_cases(gt_folder, pred_folder, file_ending, chill)
+    jobs = [
+        (gt_folder / f"{c}{file_ending}", pred_folder / f"{c}{file_ending}", regions, policy, ignore_label)
+        for c in cases
+    ]
+    if num_processes > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            per_case = pool.starmap(evaluate_case, jobs)
+    else:
+        per_case = [evaluate_case(*job) for job in jobs]
+    output_json = Path(output_json) if output_json is not None else pred_folder / f"summary_{policy}.json"
+    output_csv = output_json.with_suffix(".csv")
+    result = {
+        "conventions": {
+            "empty_policy": policy,
+            "empty_policy_description": EMPTY_POLICY_DESCRIPTIONS[policy],
+            "dice": DICE_CONVENTION,
+            "hd95": HD95_CONVENTION,
+            "hd95_unit": "mm",
+            "region_mask": "np.isin(label_map, region_labels); "
+            "voxels with the ignore label in the reference are removed from the prediction",
+            "statistics": STATISTICS_CONVENTION,
+        },
+        "gt_folder": str(gt_folder),
+        "pred_folder": str(pred_folder),
+        "dataset_json": None if isinstance(dataset_json, dict) else str(dataset_json),
+        "file_ending": file_ending,
+        "summary_json": str(output_json),
+        "per_case_csv": str(output_csv),
+        "regions": {name: list(labels) for name, labels in regions.items()},
+        "num_cases": len(per_case),
+        **summarize(per_case, regions),
+        "metric_per_case": [{"case": c, **r} for c, r in zip(cases, per_case, strict=True)],
+    }
+    output_json.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_json, "w") as f:
+        json.dump(_json_safe(result), f, indent=2, allow_nan=False)
+    write_per_case_csv(result, output_csv)
+    return result
+
+
+def format_summary(result: dict) -> str:
+    """Return a small text table of the mean ± std of each region's Dice and HD95."""
+    lines = [f"{'region':<24}{'Dice mean±std':>20}{'HD95 (mm) mean±std':>24}"]
+    for name, stats in result["summary"].items():
+        d, h = stats["Dice"], stats["HD95"]
+        lines.append(f"{name:<24}{d['mean']:>12.4f} ± {d['std']:<6.4f}{h['mean']:>15.2f} ± {h['std']:<6.2f}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``nnunet-ext evaluate`` arguments (nnUNetv2_evaluate_folder conventions)."""
+    parser.add_argument("gt_folder", help="folder with reference label maps")
+    parser.add_argument("pred_folder", help="folder with predicted label maps (same file names)")
+    parser.add_argument("-djfile", required=True, help="dataset.json (file ending, labels/regions)")
+    parser.add_argument(
+        "-o",
+        default=None,
+        help="output JSON; the per-case CSV goes to the same path with .csv. "
+        "Default: PRED_FOLDER/summary_{policy}.json",
+    )
+    parser.add_argument(
+        "-np",
+        type=int,
+        default=default_num_processes,
+        help=f"number of processes. Default: {default_num_processes}",
+    )
+    parser.add_argument(
+        "--empty-policy",
+        choices=EMPTY_POLICIES,
+        default="brats",
+        help="empty-mask policy. brats: "
+        + EMPTY_POLICY_DESCRIPTIONS["brats"]
+        + ". nan: "
+        + EMPTY_POLICY_DESCRIPTIONS["nan"]
+        + ". Default: brats",
+    )
+    parser.add_argument(
+        "--chill",
+        action="store_true",
+        help="do not fail if some reference cases have no prediction",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``nnunet-ext evaluate``: evaluate the folder, print the summary table, return 0."""
+    result = evaluate_folder(
+        args.gt_folder, args.pred_folder, args.djfile, args.o, args.empty_policy, args.np, args.chill
+    )
+    print(format_summary(result))
+    print(
+        f"{result['num_cases']} cases; summary: {result['summary_json']}; per case: {result['per_case_csv']}"
+    )
+    return 0

@@ -1,0 +1,192 @@
+"""Folder evaluation: regions from dataset.json, spacing order, summaries, files and the CLI hooks."""
+
+import argparse
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ext.evaluation import evaluate
+from nnunet_ext.evaluation.metrics import image_diagonal_mm
+
+SHAPE = (6, 7, 8)  # array order (z, y, x)
+SITK_SPACING = (1.0, 2.0, 3.0)  # SimpleITK order (x, y, z): array spacing is (3, 2, 1)
+ARRAY_SPACING = SITK_SPACING[::-1]
+
+BRATS_JSON = {
+    "channel_names": {"0": "FLAIR"},
+    "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
+    "regions_class_order": [1, 2, 3],
+    "numTraining": 3,
+    "file_ending": ".nii.gz",
+}
+
+
+def _write(array: np.ndarray, path) -> None:
+    """Write a uint8 label map with the test spacing."""
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(SITK_SPACING)
+    sitk.WriteImage(image, str(path))
+
+
+def _tumour() -> np.ndarray:
+    """A label map with edema (1) around necrosis (2) around enhancing tumour (3)."""
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[1:5, 1:6, 1:7] = 1
+    labels[2:4, 2:5, 2:6] = 2
+    labels[2:4, 3, 3:5] = 3
+    return labels
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """GT and prediction folders with three cases: perfect, ET missed and WT shifted, no ET anywhere."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    tumour = _tumour()
+    missed_et = np.roll(np.where(tumour == 3, 2, tumour), 1, axis=0)  # shift 1 voxel along z (3 mm)
+    no_et = np.where(tumour == 3, 2, tumour)
+    for case, (ref, prediction) in {
+        "case_a": (tumour, tumour),
+        "case_b": (tumour, missed_et),
+        "case_c": (no_et, no_et),
+    }.items():
+        _write(ref, gt / f"{case}.nii.gz")
+        _write(prediction, pred / f"{case}.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(BRATS_JSON))
+    return gt, pred, tmp_path / "dataset.json"
+
+
+def test_regions_from_dataset_json():
+    assert evaluate.regions_from_dataset_json(BRATS_JSON) == {
+        "whole tumor": (1, 2, 3),
+        "tumor core": (2, 3),
+        "enhancing tumor": (3,),
+    }
+    plain = {"labels": {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}}
+    assert evaluate.regions_from_dataset_json(plain) == {"liver": (1,), "tumour": (2,)}
+
+
+def test_case_metrics_uses_array_axis_spacing(folders):
+    gt, pred, _ = folders
+    result = evaluate.evaluate_case(
+        gt / "case_b.nii.gz", pred / "case_b.nii.gz", evaluate.regions_from_dataset_json(BRATS_JSON)
+    )
+    assert result["spacing"] == list(ARRAY_SPACING)
+    metrics = result["metrics"]
+    assert metrics["whole tumor"]["HD95"] == pytest.approx(3.0)  # shifted by one voxel along z (3 mm)
+    assert metrics["enhancing tumor"]["Dice"] == 0.0
+    assert metrics["enhancing tumor"]["HD95"] == pytest.approx(image_diagonal_mm(SHAPE, ARRAY_SPACING))
+    assert metrics["enhancing tumor"]["n_pred"] == 0
+
+
+def test_evaluate_folder_brats_policy(folders):
+    gt, pred, dataset_json = folders
+    result = evaluate.evaluate_folder(gt, pred, dataset_json)
+    assert result["num_cases"] == 3
+    assert result["conventions"]["empty_policy"] == "brats"
+    et = result["summary"]["enhancing tumor"]
+    diagonal = image_diagonal_mm(SHAPE, ARRAY_SPACING)
+    np.testing.assert_allclose([et["Dice"]["mean"], et["Dice"]["median"]], [2 / 3, 1.0])
+    assert et["Dice"]["std"] == pytest.approx(np.std([1.0, 0.0, 1.0]))
+    assert et["Dice"]["mean_excluding_both_empty"] == pytest.approx(0.5)
+    assert et["Dice"]["n_both_empty"] == 1
+    assert et["HD95"]["mean"] == pytest.approx(diagonal / 3)
+    assert et["HD95"]["mean_excluding_both_empty"] == pytest.approx(diagonal / 2)
+    assert result["summary"]["whole tumor"]["Dice"]["mean_excluding_both_empty"] == pytest.approx(
+        result["summary"]["whole tumor"]["Dice"]["mean"]
+    )
+    saved = json.loads((pred / "summary_brats.json").read_text())
+    assert saved["summary"] == result["summary"]
+    assert [c["case"] for c in saved["metric_per_case"]] == ["case_a", "case_b", "case_c"]
+    with open(pred / "summary_brats.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9
+    row = next(r for r in rows if r["case"] == "case_b" and r["region"] == "enhancing tumor")
+    assert float(row["dice"]) == 0.0 and float(row["hd95_mm"]) == pytest.approx(diagonal)
+
+
+def test_evaluate_folder_nan_policy_writes_strict_json(folders, tmp_path):
+    gt, pred, dataset_json = folders
+    out = tmp_path / "out" / "nan.json"
+    result = evaluate.evaluate_folder(gt, pred, dataset_json, output_json=out, policy="nan")
+    et = result["summary"]["enhancing tumor"]
+    assert et["Dice"]["mean"] == pytest.approx(0.5) and et["Dice"]["n"] == 2
+    assert et["HD95"]["mean"] == 0.0 and et["HD95"]["n"] == 1
+    saved = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert saved["conventions"]["empty_policy"] == "nan"
+    assert saved["metric_per_case"][2]["metrics"]["enhancing tumor"]["Dice"] is None
+    assert math.isnan(result["metric_per_case"][2]["metrics"]["enhancing tumor"]["Dice"])
+    assert out.with_suffix(".csv").is_file()
+
+
+def test_ignore_label_voxels_are_not_counted(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    ref = np.zeros(SHAPE, dtype=np.uint8)
+    ref[1:3, 1:3, 1:3] = 1
+    ref[4:, 4:, 4:] = 2
+    _write(ref, gt / "c.nii.gz")
+    _write(np.where(ref > 0, 1, 0), pred / "c.nii.gz")
+    dataset = {"labels": {"background": 0, "organ": 1, "ignore": 2}, "file_ending": ".nii.gz"}
+    result = evaluate.evaluate_folder(gt, pred, dataset)
+    assert result["metric_per_case"][0]["metrics"]["organ"]["Dice"] == 1.0
+    assert result["dataset_json"] is None
+
+
+def test_evaluate_folder_with_two_processes_matches_serial(folders, tmp_path):
+    gt, pred, dataset_json = folders
+    serial = evaluate.evaluate_folder(gt, pred, dataset_json, output_json=tmp_path / "s.json")
+    parallel = evaluate.evaluate_folder(
+        gt, pred, dataset_json, output_json=tmp_path / "p.json", num_processes=2
+    )
+    assert parallel["metric_per_case"] == serial["metric_per_case"]
+
+
+def test_missing_files_and_mismatches_are_reported(folders):
+    gt, pred, dataset_json = folders
+    (pred / "case_c.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="case_c.*--chill"):
+        evaluate.evaluate_folder(gt, pred, dataset_json)
+    assert evaluate.evaluate_folder(gt, pred, dataset_json, chill=True)["num_cases"] == 2
+    _write(np.zeros((2, 2, 2)), pred / "extra.nii.gz")
+    with pytest.raises(FileNotFoundError, match="extra"):
+        evaluate.evaluate_folder(gt, pred, dataset_json, chill=True)
+    _write(np.zeros((2, 2, 2)), gt / "extra.nii.gz")
+    _write(np.zeros((2, 2, 3)), pred / "extra.nii.gz")
+    with pytest.raises(ValueError, match="shape mismatch.*extra"):
+        evaluate.evaluate_folder(gt, pred, dataset_json, chill=True)
+    with pytest.raises(ValueError, match="policy"):
+        evaluate.evaluate_folder(gt, pred, dataset_json, policy="zero")
+
+
+def test_cli_hooks(folders, tmp_path, capsys):
+    gt, pred, dataset_json = folders
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    out = tmp_path / "cli" / "summary.json"
+    args = parser.parse_args(
+        [
+            str(gt),
+            str(pred),
+            "-djfile",
+            str(dataset_json),
+            "-o",
+            str(out),
+            "-np",
+            "1",
+            "--empty-policy",
+            "nan",
+        ]
+    )
+    assert evaluate.run(args) == 0
+    assert json.loads(out.read_text())["conventions"]["empty_policy"] == "nan"
+    assert (tmp_path / "cli" / "summary.csv").is_file()
+    assert "enhancing tumor" in capsys.readouterr().out
+    defaults = parser.parse_args([str(gt), str(pred), "-djfile", str(dataset_json)])
+    assert defaults.empty_policy == "brats" and defaults.o is None and not defaults.chill
