@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nnunet_ext.demo", "run the CPU demo end to end: data, plans, training, prediction, Dice"),
     "evaluate": ("nnunet_ext.evaluation.evaluate", "Dice and HD95 per case and region (BraTS conventions)"),
     "convert-msd": ("nnunet_ext.datasets.msd", "convert MSD Task01_BrainTumour into an nnU-Net region dataset"),
+    "study": ("nnunet_ext.study", "label-efficiency study: train a grid, predict, evaluate, tables and plots"),
 }
 
 

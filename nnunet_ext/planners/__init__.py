@@ -2,4 +2,7 @@
 
 PLANNERS = {
     "nnUNetPlannerCPU": "nnunet_ext.planners.cpu",
+    "nnUNetPlannerCPUGN": "nnunet_ext.planners.groupnorm",
+    "nnUNetPlannerGN": "nnunet_ext.planners.groupnorm",
+    "nnUNetPlannerResEncMGN": "nnunet_ext.planners.groupnorm",
 }

@@ -48,14 +48,14 @@ class ExtTrainer(nnUNetTrainer):
         order_file = order_file_path(self.preprocessed_dataset_folder_base)
         order = load_order_file(order_file) if os.path.isfile(order_file) else None
         try:
-            labeled = select_labeled(tr_keys, budget, order, self.budget_seed)
+            labeled = [str(k) for k in select_labeled(tr_keys, budget, order, self.budget_seed)]
         except ValueError as e:
             raise ValueError(f"{self.__class__.__name__}, fold {self.fold}: {e}") from None
         self.print_to_log_file(f"Label budget {budget}: training on {labeled} "
                                f"({'pinned order ' + order_file if order else f'seeded order, seed {self.budget_seed}'})")
         if self.local_rank == 0:
             save_json({"trainer": self.__class__.__name__, "fold": self.fold, "label_budget": budget,
-                       "labeled": list(labeled), "fold_training_cases": len(tr_keys),
+                       "labeled": labeled, "fold_training_cases": len(tr_keys),
                        "order_source": order_file if order else f"seeded (seed {self.budget_seed})"},
                       os.path.join(self.output_folder, LABELED_IDS_FILE), sort_keys=False)
         return labeled, val_keys

@@ -24,6 +24,9 @@ GRAMMAR = "<Base>[_<N>labels][_<M>unlabeled][_<E>epochs][_<K>iters][_noMirroring
 # base trainer name -> (module, semi-supervised?). Only implemented bases are listed.
 BASES: dict[str, tuple[str, bool]] = {
     "EncDecTrainer": ("nnunet_ext.trainers.encdec", False),
+    "VAESegTrainer": ("nnunet_ext.trainers.vae", False),
+    "BoundSegTrainer": ("nnunet_ext.trainers.boundary", False),
+    "CPCSegTrainer": ("nnunet_ext.trainers.cpc", False),
 }
 
 _SUFFIXES = (

@@ -1,0 +1,94 @@
+"""Steps shared by the demo and the study runner: real nnUNetv2_* commands in subprocesses.
+
+Each step is resumable: finished trainings are skipped, interrupted ones resume with ``--c``,
+predictions continue where they stopped. Full command output goes to a log file; progress lines
+are echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+# lines of nnU-Net's output worth echoing while a step runs
+PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Label budget",
+                    "Unlabeled pool", "Error", "Traceback")
+
+
+def log(message: str, prefix: str = "nnunet-ext") -> None:
+    """Print a progress line immediately."""
+    print(f"[{prefix}] {message}", flush=True)
+
+
+def run_command(cmd: list[str], env: dict[str, str], log_path: str, echo: bool = True) -> None:
+    """Run a command, keep its full output in ``log_path`` and echo progress lines; fail loudly."""
+    log("$ " + " ".join(cmd))
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a", buffering=1) as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log_file.write(line)
+            if echo and any(m in line for m in PROGRESS_MARKERS):
+                print("    " + line.rstrip()[:160], flush=True)
+        if proc.wait() != 0:
+            raise RuntimeError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}; see {log_path}")
+
+
+def trainer_name(base: str, labels: int | None = None, unlabeled: int | None = None, epochs: int | None = None,
+                 iters: int | None = None, mirroring: bool = True) -> str:
+    """Compose a trainer name from the grammar, e.g. ('EncDec', 6) -> 'EncDecTrainer_6labels'."""
+    name = base if base.endswith("Trainer") else base + "Trainer"
+    for value, suffix in ((labels, "labels"), (unlabeled, "unlabeled"), (epochs, "epochs"), (iters, "iters")):
+        if value is not None:
+            name += f"_{value}{suffix}"
+    return name if mirroring else name + "_noMirroring"
+
+
+@dataclass
+class Experiment:
+    """Where one dataset/plans/configuration lives, and the environment that runs nnU-Net on it."""
+
+    dataset_id: int
+    dataset_name: str
+    env: dict[str, str]
+    log_folder: str
+    plans: str = "nnUNetPlans"
+    configuration: str = "3d_fullres"
+    device: str = "cuda"
+
+    def result_folder(self, trainer: str) -> str:
+        """nnU-Net's ``{trainer}__{plans}__{configuration}`` folder."""
+        return os.path.join(self.env["nnUNet_results"], self.dataset_name,
+                            f"{trainer}__{self.plans}__{self.configuration}")
+
+    def is_trained(self, trainer: str, fold: int) -> bool:
+        """True when the fold finished training and nnU-Net's final validation."""
+        return os.path.isfile(os.path.join(self.result_folder(trainer), f"fold_{fold}", "validation",
+                                           "summary.json"))
+
+    def train_command(self, trainer: str, fold: int) -> list[str]:
+        """The nnUNetv2_train command of one fold (``--c`` resumes, or starts when nothing exists)."""
+        return ["nnUNetv2_train", str(self.dataset_id), self.configuration, str(fold), "-p", self.plans,
+                "-tr", trainer, "-device", self.device, "--c"]
+
+    def predict_command(self, trainer: str, folds: list[int], images: str, output: str) -> list[str]:
+        """The nnUNetv2_predict command of a fold ensemble."""
+        return ["nnUNetv2_predict", "-i", images, "-o", output, "-d", str(self.dataset_id),
+                "-c", self.configuration, "-p", self.plans, "-tr", trainer, "-f", *map(str, folds),
+                "-device", self.device, "-npp", "1", "-nps", "1", "--continue_prediction"]
+
+    def train(self, trainer: str, folds: list[int]) -> None:
+        """Train the given folds, skipping finished ones."""
+        for fold in folds:
+            if self.is_trained(trainer, fold):
+                log(f"{trainer} fold {fold}: already trained, skipping")
+                continue
+            run_command(self.train_command(trainer, fold), self.env,
+                        os.path.join(self.log_folder, f"train_{trainer}_fold{fold}.log"))
+
+    def predict(self, trainer: str, folds: list[int], images: str, output: str) -> str:
+        """Predict ``images`` with the fold ensemble into ``output``."""
+        run_command(self.predict_command(trainer, folds, images, output), self.env,
+                    os.path.join(self.log_folder, f"predict_{trainer}.log"), echo=False)
+        return output

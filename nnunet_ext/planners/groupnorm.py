@@ -1,0 +1,54 @@
+"""GroupNorm plans: nnU-Net's planning with ``norm_op`` = our GroupNorm (needed by the CPC branch).
+
+nnU-Net's InstanceNorm fixes the spatial mean of every feature map, so mean-pooled CPC sub-patch
+vectors barely differ (SPEC §3); the paper's encoder used GroupNorm(8). nnU-Net resolves ``norm_op``
+by dotted path, so these plans work in stock nnU-Net wherever nnunet_ext is installed. Compare all
+trainers of a study on the same plans.
+"""
+
+from __future__ import annotations
+
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    nnUNetPlannerResEncM,
+)
+
+from nnunet_ext.planners.cpu import nnUNetPlannerCPU
+
+GROUP_NORM = "nnunet_ext.branches.blocks.GroupNorm"
+
+
+class GroupNormPlansMixin:
+    """Replace the planned ``norm_op`` by :data:`GROUP_NORM` in every configuration."""
+
+    default_plans_name: str
+
+    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str | None = None,
+                 overwrite_target_spacing=None, suppress_transpose: bool = False):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
+                         plans_name or self.default_plans_name, overwrite_target_spacing, suppress_transpose)
+
+    def get_plans_for_configuration(self, *args, **kwargs) -> dict:
+        """The parent planner's plan with GroupNorm as normalization."""
+        plan = super().get_plans_for_configuration(*args, **kwargs)
+        plan["architecture"]["arch_kwargs"]["norm_op"] = GROUP_NORM
+        return plan
+
+
+class nnUNetPlannerGN(GroupNormPlansMixin, ExperimentPlanner):
+    """nnU-Net's default planner with GroupNorm -> ``nnUNetGNPlans``."""
+
+    default_plans_name = "nnUNetGNPlans"
+
+
+class nnUNetPlannerResEncMGN(GroupNormPlansMixin, nnUNetPlannerResEncM):
+    """nnU-Net's ResEnc M planner with GroupNorm -> ``nnUNetResEncUNetMGNPlans``."""
+
+    default_plans_name = "nnUNetResEncUNetMGNPlans"
+
+
+class nnUNetPlannerCPUGN(GroupNormPlansMixin, nnUNetPlannerCPU):
+    """The small CPU planner with GroupNorm -> ``nnUNetCPUGNPlans`` (the demo's plans)."""
+
+    default_plans_name = "nnUNetCPUGNPlans"

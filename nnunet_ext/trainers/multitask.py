@@ -1,0 +1,224 @@
+"""Multi-task base trainer: nnU-Net's planned network plus one regularization branch on its encoder.
+
+Training forward: ``skips = encoder(x)``, ``seg = decoder(skips)``, ``branch_loss = branch(x, skips, target,
+encoder)``; total loss = nnU-Net's own segmentation loss (deep supervision, DC+BCE for regions) on
+labeled samples + the branch loss. nnU-Net's train_step, validation and prediction run unchanged:
+
+- the branch lives inside :class:`MultiTaskNetwork`, the module nnU-Net compiles, wraps in DDP and
+  optimizes (one optimizer, one gradient clip);
+- the per-batch branch input (masks, which samples are labeled) is handed over through
+  :meth:`MultiTaskTrainer.train_step` just before nnU-Net's own train_step runs the forward pass;
+- the wrapper's ``state_dict`` is the segmentation network's, so ``network_weights`` in checkpoints
+  load strictly into the plain planned network (what ``nnUNetv2_predict`` builds); the branch is saved
+  under ``branch_weights`` and restored by ``--c``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
+
+from nnunet_ext.branches.base import Branch
+from nnunet_ext.trainers.base import ExtTrainer
+
+
+@dataclass
+class BranchBatch:
+    """What the branch needs besides the image: region masks (B, K, *spatial) and which samples are labeled."""
+
+    target: torch.Tensor | None
+    labeled: torch.Tensor
+
+
+@dataclass
+class MultiTaskOutput:
+    """Training output of :class:`MultiTaskNetwork`: segmentation outputs, branch loss, labeled mask."""
+
+    seg: torch.Tensor | list[torch.Tensor]
+    branch_loss: torch.Tensor
+    labeled: torch.Tensor
+
+
+class MultiTaskNetwork(nn.Module):
+    """The planned encoder-decoder (``net``) plus a branch; ``forward(x)`` is the plain segmentation.
+
+    In training mode, a :class:`BranchBatch` stored in ``pending`` is consumed by the next forward,
+    which then also runs the branch and returns a :class:`MultiTaskOutput`. ``state_dict`` and
+    ``load_state_dict`` are the segmentation network's; the branch has ``branch.state_dict()``.
+    """
+
+    def __init__(self, net: nn.Module, branch: Branch):
+        super().__init__()
+        if not (hasattr(net, "encoder") and hasattr(net, "decoder")):
+            raise TypeError(f"{type(net).__name__} has no encoder/decoder attributes; regularization branches "
+                            "need an encoder-decoder network (PlainConvUNet, ResidualEncoderUNet, ...)")
+        self.net = net
+        self.branch = branch
+        self.pending: BranchBatch | None = None
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The planned encoder."""
+        return self.net.encoder
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The planned decoder (nnU-Net toggles its deep supervision)."""
+        return self.net.decoder
+
+    def forward(self, x: torch.Tensor):
+        """Segmentation output; with a pending branch batch in training mode a :class:`MultiTaskOutput`."""
+        skips = self.net.encoder(x)
+        seg = self.net.decoder(skips)
+        pending, self.pending = self.pending, None
+        if pending is None or not self.training:
+            return seg
+        branch_loss = self.branch(x, skips, pending.target, self.net.encoder)
+        return MultiTaskOutput(seg, branch_loss, pending.labeled)
+
+    def state_dict(self, *args, **kwargs):
+        """The segmentation network's state dict (loads strictly into the plain planned network)."""
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load segmentation network weights (as saved by :meth:`state_dict`)."""
+        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _select(x: torch.Tensor | list[torch.Tensor], index: torch.Tensor):
+    """Index the batch dimension of a tensor or of each deep-supervision tensor."""
+    return [t[index] for t in x] if isinstance(x, (list, tuple)) else x[index]
+
+
+class MultiTaskLoss(nn.Module):
+    """nnU-Net's segmentation loss on labeled samples plus the branch loss; plain outputs pass through.
+
+    ``last`` keeps the detached parts of the latest training loss for logging.
+    """
+
+    def __init__(self, seg_loss: nn.Module):
+        super().__init__()
+        self.seg_loss = seg_loss
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, output, target):
+        """Total loss of a training output, or nnU-Net's loss of a plain (validation) output."""
+        if not isinstance(output, MultiTaskOutput):
+            return self.seg_loss(output, target)
+        labeled = output.labeled
+        if bool(labeled.all()):
+            seg = self.seg_loss(output.seg, target)
+        elif bool(labeled.any()):
+            seg = self.seg_loss(_select(output.seg, labeled), _select(target, labeled))
+        else:  # keep the decoder in the graph (DDP expects every parameter to get a gradient)
+            seg = sum(t.sum() for t in output.seg) * 0.0
+        self.last = {"seg_loss": seg.detach(), "branch_loss": output.branch_loss.detach()}
+        return seg + output.branch_loss
+
+
+class MultiTaskTrainer(ExtTrainer):
+    """nnU-Net trainer with one regularization branch; subclasses name ``branch_class`` and its kwargs."""
+
+    branch_class: ClassVar[type[Branch]]
+    branch_kwargs: ClassVar[dict] = {}
+
+    # -- building -----------------------------------------------------------------------------------
+    def initialize(self):
+        """nnU-Net's initialize, with the training network built as net + branch."""
+        # nnU-Net builds the training network through self.build_network_architecture; an instance
+        # attribute routes that one call here, while inference (nnUNetv2_predict) keeps using the
+        # plain static builder, so the branch never exists at inference.
+        self.build_network_architecture = self._build_training_network
+        try:
+            super().initialize()
+        finally:
+            del self.build_network_architecture
+        self.loss = MultiTaskLoss(self.loss)
+
+    def _build_training_network(self, plans_manager, configuration_manager, num_input_channels: int,
+                                num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        """The planned network (nnU-Net's static builder) wrapped with this trainer's branch."""
+        net = type(self).build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                    num_output_channels, enable_deep_supervision)
+        branch = self.branch_class.from_encoder(net.encoder, configuration_manager.patch_size,
+                                                num_input_channels, self.num_branch_targets,
+                                                **self.branch_kwargs)
+        self.print_to_log_file(f"{type(branch).__name__}: {sum(p.numel() for p in branch.parameters())} "
+                               f"parameters, kwargs {self.branch_kwargs}")
+        return MultiTaskNetwork(net, branch)
+
+    @property
+    def num_branch_targets(self) -> int:
+        """Number of binary masks a labeled sample gives the branch (regions, or foreground labels)."""
+        lm = self.label_manager
+        return len(lm.foreground_regions) if lm.has_regions else len(lm.foreground_labels)
+
+    @property
+    def multitask_network(self) -> MultiTaskNetwork:
+        """The :class:`MultiTaskNetwork` inside DDP / torch.compile wrappers."""
+        mod = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    # -- training -----------------------------------------------------------------------------------
+    def branch_masks(self, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Binary masks (B, K, *spatial) from nnU-Net's full-resolution training target."""
+        t = target[0] if isinstance(target, (list, tuple)) else target
+        lm = self.label_manager
+        if lm.has_regions:
+            return t[:, :len(lm.foreground_regions)].float()
+        return torch.cat([(t == label) for label in lm.foreground_labels], 1).float()
+
+    def branch_batch(self, batch: dict) -> BranchBatch:
+        """The branch's view of a training batch (hook: semi-supervised trainers mark unlabeled samples)."""
+        labeled = torch.ones(batch["data"].shape[0], dtype=torch.bool, device=self.device)
+        target = None
+        if self.branch_class.needs_target:
+            target = self.branch_masks(batch["target"]).to(self.device, non_blocking=True)
+        return BranchBatch(target, labeled)
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's train_step, with the branch input handed to the network first."""
+        self.multitask_network.pending = self.branch_batch(batch)
+        try:
+            result = super().train_step(batch)
+        finally:
+            self.multitask_network.pending = None
+        result.update({k: v.cpu().numpy() for k, v in self.loss.last.items()})
+        return result
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        """nnU-Net's epoch end, plus the mean segmentation and branch losses in the log."""
+        super().on_train_epoch_end(train_outputs)
+        for key in ("seg_loss", "branch_loss"):
+            values = [o[key] for o in train_outputs if key in o]
+            if values:
+                self.print_to_log_file(f"{key} {np.round(float(np.mean(values)), decimals=4)}")
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus ``branch_weights`` (the optimizer state already covers the branch)."""
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint["branch_weights"] = self.multitask_network.branch.state_dict()
+            checkpoint["branch_class"] = type(self.multitask_network.branch).__name__
+            torch.save(checkpoint, filename + ".tmp")
+            os.replace(filename + ".tmp", filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's checkpoint loading, then the branch weights (an error if they are missing)."""
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        if "branch_weights" not in checkpoint:
+            raise RuntimeError(f"{filename_or_checkpoint}: checkpoint has no 'branch_weights'; it was not "
+                               f"written by a {type(self).__name__} and cannot resume its branch.")
+        self.multitask_network.branch.load_state_dict(checkpoint["branch_weights"])

@@ -1,0 +1,12 @@
+"""VAESeg: the planned network plus the VAE branch (paper Table S1), loss 0.1 * (L2 + KL)."""
+
+from nnunet_ext.branches.vae import VAEBranch
+from nnunet_ext.trainers.multitask import MultiTaskTrainer
+from nnunet_ext.trainers.names import TrainerSpec
+
+
+class VAESegTrainer(MultiTaskTrainer):
+    """Encoder-decoder regularized by reconstructing the (augmented) input through a VAE."""
+
+    trainer_spec = TrainerSpec(base="VAESegTrainer")
+    branch_class = VAEBranch

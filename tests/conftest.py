@@ -1,0 +1,44 @@
+"""Shared fixtures: isolated nnU-Net folders and a tiny planned + preprocessed demo dataset."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+TINY_DATASET_ID = 991
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a real command; on failure show its output in the assertion message."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def nnunet_env(root) -> dict[str, str]:
+    """Environment with nnU-Net folders under ``root`` and CPU-friendly process counts."""
+    env = dict(os.environ)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(root / var)
+        os.makedirs(env[var], exist_ok=True)
+    env.update(nnUNet_def_n_proc="2", nnUNet_n_proc_DA="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A 10-case 32^3 demo dataset, planned with nnUNetPlannerCPU and preprocessed (3d_fullres)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    run(["nnunet-ext", "make-demo-dataset", "-d", str(TINY_DATASET_ID), "--num-train", "10", "--num-test", "2",
+         "--num-unlabeled", "2", "--shape", "32", "32", "32"], env)
+    run(["nnunet-ext", "plan", "-d", str(TINY_DATASET_ID), "-np", "1"], env)
+    run(["nnUNetv2_preprocess", "-d", str(TINY_DATASET_ID), "-plans_name", "nnUNetCPUPlans", "-c", "3d_fullres",
+         "-np", "1"], env)
+    env["nnUNet_n_proc_DA"] = "0"
+    raw = os.path.join(env["nnUNet_raw"], f"Dataset{TINY_DATASET_ID}_BraTSDemo")
+    return {"env": env, "id": TINY_DATASET_ID, "raw": raw, "root": root,
+            "preprocessed": os.path.join(env["nnUNet_preprocessed"], f"Dataset{TINY_DATASET_ID}_BraTSDemo"),
+            "results": os.path.join(env["nnUNet_results"], f"Dataset{TINY_DATASET_ID}_BraTSDemo")}

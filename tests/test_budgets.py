@@ -1,0 +1,58 @@
+"""Label budgets are nested, deterministic, pinnable and never exceed the fold."""
+
+import json
+
+import pytest
+
+from nnunet_ext.data.budgets import labeled_order, load_order_file, select_labeled
+
+TRAIN = [f"case_{i:03d}" for i in range(40)]
+
+
+def test_budgets_are_nested_and_deterministic():
+    subsets = [select_labeled(TRAIN, n) for n in (3, 6, 12, 24)]
+    for small, large in zip(subsets, subsets[1:]):
+        assert large[:len(small)] == small
+    assert select_labeled(list(reversed(TRAIN)), 6) == subsets[1]  # input order does not matter
+    assert select_labeled(TRAIN, 6, seed=1) != subsets[1]
+    assert len(set(subsets[-1])) == 24 and set(subsets[-1]) <= set(TRAIN)
+
+
+def test_pinned_order_comes_first_and_skips_foreign_ids():
+    order = ["case_010", "val_case", "case_003", "case_020"]
+    ordering = labeled_order(TRAIN, order)
+    assert ordering[:3] == ["case_010", "case_003", "case_020"]
+    assert "val_case" not in ordering and sorted(ordering) == TRAIN
+    assert select_labeled(TRAIN, 2, order) == ["case_010", "case_003"]
+
+
+def test_budget_larger_than_fold_fails_clearly():
+    with pytest.raises(ValueError, match="exceeds the 40 training cases"):
+        select_labeled(TRAIN, 41)
+    with pytest.raises(ValueError, match="at least 1"):
+        select_labeled(TRAIN, 0)
+
+
+def test_order_file_formats(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps(["a", "b"]))
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["c", "a"], "val": ["x"], "test": ["y"]}))
+    (tmp_path / "bad.json").write_text(json.dumps({"val": ["x"]}))
+    (tmp_path / "dup.json").write_text(json.dumps(["a", "a"]))
+    assert load_order_file(str(tmp_path / "list.json")) == ["a", "b"]
+    assert load_order_file(str(tmp_path / "split.json")) == ["c", "a"]
+    with pytest.raises(ValueError, match="bad.json"):
+        load_order_file(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="duplicates"):
+        load_order_file(str(tmp_path / "dup.json"))
+
+
+def test_paper_split_prefixes_are_budgets():
+    """The paper's labeled subsets are prefixes of its train list: pinning it reproduces them."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "pfn_split_cv0.json")
+    if not os.path.isfile(path):
+        pytest.skip("paper split file not available")
+    split = json.load(open(path))
+    order = load_order_file(path)
+    for k, ids in split["labeled_subsets"].items():
+        assert select_labeled(split["train"], int(k), order) == ids

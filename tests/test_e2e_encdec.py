@@ -1,0 +1,74 @@
+"""End to end through the real nnUNetv2_* commands: plan, preprocess, train 2 folds, predict, ensemble."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import run
+
+pytestmark = pytest.mark.slow
+TRAINER = "EncDecTrainer_3labels_1epochs_4iters_noMirroring"
+
+
+def _train(ds, trainer: str, fold: int, *extra: str) -> subprocess.CompletedProcess:
+    return run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", str(fold), "-p", "nnUNetCPUPlans", "-tr", trainer,
+                "-device", "cpu", *extra], ds["env"])
+
+
+def test_plans_are_small(tiny_dataset):
+    plans = json.load(open(os.path.join(tiny_dataset["preprocessed"], "nnUNetCPUPlans.json")))
+    cfg = plans["configurations"]["3d_fullres"]
+    assert max(cfg["patch_size"]) <= 64 and cfg["batch_size"] <= 2
+    assert max(cfg["architecture"]["arch_kwargs"]["features_per_stage"]) <= 64
+
+
+def test_train_two_folds_predict_and_ensemble(tiny_dataset, tmp_path):
+    ds = tiny_dataset
+    for fold in (0, 1):
+        _train(ds, TRAINER, fold)
+    splits = json.load(open(os.path.join(ds["preprocessed"], "splits_final.json")))
+    out_base = os.path.join(ds["results"], f"{TRAINER}__nnUNetCPUPlans__3d_fullres")
+    for fold in (0, 1):
+        labeled = json.load(open(os.path.join(out_base, f"fold_{fold}", "labeled_cases.json")))
+        assert len(labeled["labeled"]) == 3
+        assert set(labeled["labeled"]) <= set(splits[fold]["train"])
+        assert not set(labeled["labeled"]) & set(splits[fold]["val"])
+        assert os.path.isfile(os.path.join(out_base, f"fold_{fold}", "checkpoint_final.pth"))
+
+    images = os.path.join(ds["raw"], "imagesTs")
+    per_fold = []
+    for fold in (0, 1):
+        out = str(tmp_path / f"pred_f{fold}")
+        run(["nnUNetv2_predict", "-i", images, "-o", out, "-d", str(ds["id"]), "-c", "3d_fullres",
+             "-p", "nnUNetCPUPlans", "-tr", TRAINER, "-f", str(fold), "-device", "cpu", "--save_probabilities",
+             "-npp", "1", "-nps", "1"], ds["env"])
+        per_fold.append(out)
+    ensemble = str(tmp_path / "ensemble")
+    run(["nnUNetv2_ensemble", "-i", *per_fold, "-o", ensemble, "-np", "1"], ds["env"])
+    run(["nnUNetv2_predict", "-i", images, "-o", str(tmp_path / "joint"), "-d", str(ds["id"]), "-c", "3d_fullres",
+         "-p", "nnUNetCPUPlans", "-tr", TRAINER, "-f", "0", "1", "-device", "cpu", "-npp", "1", "-nps", "1"],
+        ds["env"])
+    for case in sorted(f for f in os.listdir(os.path.join(ds["raw"], "labelsTs"))):
+        reference = sitk.ReadImage(os.path.join(ds["raw"], "labelsTs", case))
+        for folder in (ensemble, str(tmp_path / "joint")):
+            pred = sitk.ReadImage(os.path.join(folder, case))
+            assert pred.GetSize() == reference.GetSize() and pred.GetSpacing() == reference.GetSpacing()
+            assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
+
+
+def test_bad_trainer_names_fail_clearly(tiny_dataset):
+    ds = tiny_dataset
+    cases = {"EncDecTrainer_0labels": "positive integer",
+             "EncDecTrainer_3labels_5unlabeled": "semi-supervised",
+             "EncDecTrainer_99labels_1epochs_2iters_noMirroring": "Label budget 99 exceeds the 8 training cases"}
+    for trainer, message in cases.items():
+        proc = subprocess.run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", "nnUNetCPUPlans",
+                               "-tr", trainer, "-device", "cpu"], env=ds["env"], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode != 0
+        assert message in proc.stdout + proc.stderr, (trainer, proc.stderr[-2000:])
