@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("nnunet_ext.commands.plan", "plan a dataset with one of our planners (nnU-Net's -pl cannot)"),
     "make-demo-dataset": ("nnunet_ext.datasets.synthetic", "write the synthetic BraTS-like demo dataset"),
     "demo": ("nnunet_ext.demo", "run the CPU demo end to end: data, plans, training, prediction, Dice"),
+    "preprocess-unlabeled": ("nnunet_ext.data.preprocess_unlabeled",
+                             "preprocess imagesUnlabeled with the dataset's plans (for ss* trainers)"),
     "evaluate": ("nnunet_ext.evaluation.evaluate", "Dice and HD95 per case and region (BraTS conventions)"),
     "convert-msd": ("nnunet_ext.datasets.msd", "convert MSD Task01_BrainTumour into an nnU-Net region dataset"),
     "study": ("nnunet_ext.study", "label-efficiency study: train a grid, predict, evaluate, tables and plots"),

@@ -8,7 +8,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.data.budgets import DEFAULT_SEED, load_order_file, order_file_path, select_labeled
+from nnunet_ext.data.budgets import DEFAULT_SEED, labeled_order, load_order_file, order_file_path, select_labeled
 from nnunet_ext.trainers.names import TrainerSpec
 
 LABELED_IDS_FILE = "labeled_cases.json"
@@ -40,22 +40,28 @@ class ExtTrainer(nnUNetTrainer):
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def do_split(self):
-        """nnU-Net's split, with the training cases cut to the label budget (ids written to disk)."""
+        """nnU-Net's split, with the training cases cut to the label budget (ids written to disk).
+
+        ``self.beyond_budget`` keeps the fold's other training cases, in order (semi-supervised
+        trainers use their images as unlabeled data).
+        """
         tr_keys, val_keys = super().do_split()
+        tr_keys = [str(k) for k in tr_keys]
         budget = self.trainer_spec.labels
+        self.beyond_budget = []
         if budget is None:
             return tr_keys, val_keys
         order_file = order_file_path(self.preprocessed_dataset_folder_base)
         order = load_order_file(order_file) if os.path.isfile(order_file) else None
         try:
-            labeled = [str(k) for k in select_labeled(tr_keys, budget, order, self.budget_seed)]
+            labeled = select_labeled(tr_keys, budget, order, self.budget_seed)
         except ValueError as e:
             raise ValueError(f"{self.__class__.__name__}, fold {self.fold}: {e}") from None
-        self.print_to_log_file(f"Label budget {budget}: training on {labeled} "
-                               f"({'pinned order ' + order_file if order else f'seeded order, seed {self.budget_seed}'})")
+        self.beyond_budget = labeled_order(tr_keys, order, self.budget_seed)[budget:]
+        source = f"pinned order {order_file}" if order else f"seeded order, seed {self.budget_seed}"
+        self.print_to_log_file(f"Label budget {budget}: training on {labeled} ({source})")
         if self.local_rank == 0:
             save_json({"trainer": self.__class__.__name__, "fold": self.fold, "label_budget": budget,
-                       "labeled": labeled, "fold_training_cases": len(tr_keys),
-                       "order_source": order_file if order else f"seeded (seed {self.budget_seed})"},
+                       "labeled": labeled, "fold_training_cases": len(tr_keys), "order_source": source},
                       os.path.join(self.output_folder, LABELED_IDS_FILE), sort_keys=False)
         return labeled, val_keys

@@ -3,6 +3,7 @@
 from nnunet_ext.branches.cpc import CPCBranch
 from nnunet_ext.trainers.multitask import MultiTaskTrainer
 from nnunet_ext.trainers.names import TrainerSpec
+from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
 
 
 class CPCSegTrainer(MultiTaskTrainer):
@@ -15,3 +16,9 @@ class CPCSegTrainer(MultiTaskTrainer):
     trainer_spec = TrainerSpec(base="CPCSegTrainer")
     branch_class = CPCBranch
     branch_kwargs = {"weight": 0.1}
+
+
+class ssCPCSegTrainer(SemiSupervisedMixin, CPCSegTrainer):
+    """CPCSeg that also learns the CPC branch from unlabeled images (paper's ssCPCseg)."""
+
+    trainer_spec = TrainerSpec(base="ssCPCSegTrainer")

@@ -27,6 +27,8 @@ BASES: dict[str, tuple[str, bool]] = {
     "VAESegTrainer": ("nnunet_ext.trainers.vae", False),
     "BoundSegTrainer": ("nnunet_ext.trainers.boundary", False),
     "CPCSegTrainer": ("nnunet_ext.trainers.cpc", False),
+    "ssVAESegTrainer": ("nnunet_ext.trainers.vae", True),
+    "ssCPCSegTrainer": ("nnunet_ext.trainers.cpc", True),
 }
 
 _SUFFIXES = (

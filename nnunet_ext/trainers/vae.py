@@ -3,6 +3,7 @@
 from nnunet_ext.branches.vae import VAEBranch
 from nnunet_ext.trainers.multitask import MultiTaskTrainer
 from nnunet_ext.trainers.names import TrainerSpec
+from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
 
 
 class VAESegTrainer(MultiTaskTrainer):
@@ -10,3 +11,9 @@ class VAESegTrainer(MultiTaskTrainer):
 
     trainer_spec = TrainerSpec(base="VAESegTrainer")
     branch_class = VAEBranch
+
+
+class ssVAESegTrainer(SemiSupervisedMixin, VAESegTrainer):
+    """VAESeg that also learns the VAE branch from unlabeled images (paper's ssVAEseg)."""
+
+    trainer_spec = TrainerSpec(base="ssVAESegTrainer")

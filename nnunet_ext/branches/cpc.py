@@ -1,0 +1,120 @@
+"""Contrastive predictive coding branch (paper Table S3, eq. 3) over a grid of overlapping sub-patches."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nnunet_ext.branches.base import Branch
+from nnunet_ext.branches.blocks import EncoderSpec, ResBlock, conv1x1
+
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def cpc_grid(patch_size: Sequence[int], size: int = 32, stride: int = 16) -> tuple[int, ...]:
+    """Sub-patch grid per axis, ``(S - size) // stride + 1``, anchored at 0 (a remainder at the end is ignored)."""
+    minimum = size + stride
+    for axis, s in enumerate(patch_size):
+        if s < minimum:
+            raise ValueError(f"CPC needs at least {minimum} voxels on every axis (two {size}-voxel sub-patches "
+                             f"with stride {stride}), but axis {axis} of patch size {tuple(patch_size)} has {s}; "
+                             f"plan a patch size of at least {minimum} per axis")
+    return tuple((int(s) - size) // stride + 1 for s in patch_size)
+
+
+def extract_subpatches(x: torch.Tensor, size: int = 32, stride: int = 16) -> torch.Tensor:
+    """All sub-patches of ``x`` (B, C, *spatial) as (B * G, C, size, ...), grid positions in row-major order."""
+    ndim = x.ndim - 2
+    patches = x
+    for axis in range(ndim):
+        patches = patches.unfold(2 + axis, size, stride)
+    # (B, C, g_1..g_n, size_1..size_n) -> (B, g_1..g_n, C, size_1..size_n)
+    patches = patches.movedim(1, 1 + ndim)
+    return patches.reshape(-1, x.shape[1], *(size,) * ndim)
+
+
+def info_nce(pred: torch.Tensor, z: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """InfoNCE of eq. 3 with raw dot-product scores.
+
+    ``pred`` (B, D, P) are predicted vectors, ``z`` (B, D, G) all sub-patch vectors of the same images and
+    ``positive`` (P,) the index in G of each prediction's true vector; the other G - 1 vectors of the
+    image are the negatives. Cross-entropy over the G scores, averaged over predictions and batch
+    (chance level ln G). Computed in float32 even under autocast (raw dot products can be large).
+    """
+    with torch.autocast(pred.device.type, enabled=False):
+        logits = torch.einsum("bdp,bdg->bpg", pred.float(), z.float())
+        return F.cross_entropy(logits.flatten(0, 1), positive.repeat(pred.shape[0]))
+
+
+class CPCBranch(Branch):
+    """CPC over 32-voxel sub-patches with stride 16, encoded by the segmentation encoder itself.
+
+    Every sub-patch goes through ``encoder``; the output of encoder stage ``stage`` (default: the
+    deepest) is mean-pooled to z (B, D, *grid). Along the last grid axis (length g, h = g // 2) the
+    context network (``n_blocks`` ResBlocks, then Conv1x1 "W") sees only the first g - h positions; its
+    output at position k < h predicts z at position k + g - h. Loss ``weight * info_nce``. Gradients
+    reach the encoder through both the predictions and the target vectors. ``chunk_size`` encodes that
+    many sub-patches per call under activation checkpointing (None: one call, no checkpointing).
+    """
+
+    needs_target = False
+    needs_skips = False
+
+    def __init__(self, spec: EncoderSpec, weight: float = 1.0, size: int = 32, stride: int = 16,
+                 chunk_size: int | None = None, stage: int = -1, n_blocks: int = 8):
+        super().__init__(weight)
+        self.size, self.stride, self.chunk_size, self.stage = size, stride, chunk_size, stage
+        channels = spec.channels[stage]
+        self.context = nn.Sequential(*(ResBlock(spec.conv_op, channels) for _ in range(n_blocks)),
+                                     conv1x1(spec.conv_op, channels, channels))
+
+    @classmethod
+    def from_encoder(cls, encoder: nn.Module, patch_size: Sequence[int], input_channels: int,
+                     num_target_channels: int, **kwargs) -> CPCBranch:
+        """Build the CPC branch; checks that ``patch_size`` holds a grid and warns on InstanceNorm encoders."""
+        spec = EncoderSpec.of(encoder)
+        branch = cls(spec, **kwargs)
+        cpc_grid(patch_size, branch.size, branch.stride)
+        if spec.norm_op is not None and issubclass(spec.norm_op, _INSTANCE_NORMS):
+            warnings.warn(f"CPCBranch on an encoder normalised with {spec.norm_op.__name__}: instance "
+                          "normalisation fixes the spatial mean of every sub-patch's features, so the pooled "
+                          "vectors barely differ between sub-patches and InfoNCE stays at chance. Train CPC "
+                          "with the GroupNorm plans (norm_op 'nnunet_ext.branches.blocks.GroupNorm').",
+                          stacklevel=2)
+        return branch
+
+    def _pooled(self, encoder: nn.Module, subpatches: torch.Tensor) -> torch.Tensor:
+        features = encoder(subpatches)
+        if not isinstance(features, (list, tuple)):
+            raise TypeError("CPCBranch needs an encoder that returns its skips (return_skips=True)")
+        return features[self.stage].flatten(2).mean(2)
+
+    def encode(self, x: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
+        """Mean-pooled encoder features of every sub-patch of ``x``, shape (B, D, *grid)."""
+        grid = cpc_grid(x.shape[2:], self.size, self.stride)
+        subpatches = extract_subpatches(x, self.size, self.stride)
+        if self.chunk_size is None:
+            pooled = self._pooled(encoder, subpatches)
+        else:
+            pooled = torch.cat([checkpoint(self._pooled, encoder, chunk, use_reentrant=False)
+                                for chunk in subpatches.split(self.chunk_size)])
+        return pooled.view(x.shape[0], *grid, -1).movedim(-1, 1)
+
+    def grid_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """Unweighted InfoNCE of the context network's predictions for the grid vectors ``z`` (B, D, *grid)."""
+        g = z.shape[-1]
+        h = g // 2
+        prediction = self.context(z[..., : g - h])[..., :h]
+        positive = torch.arange(z[0, 0].numel(), device=z.device).view(z.shape[2:])[..., g - h:].flatten()
+        return info_nce(prediction.flatten(2), z.flatten(2), positive)
+
+    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], target: torch.Tensor | None,
+                encoder: nn.Module) -> torch.Tensor:
+        """Return ``weight * InfoNCE`` on the sub-patches of ``x`` as a float32 scalar; ``skips``, ``target``
+        are unused."""
+        return self.weight * self.grid_loss(self.encode(x, encoder))
