@@ -16,10 +16,11 @@ import time
 
 from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, DEFAULT_NAME, make_demo_dataset
 from nnunet_ext.pipeline import Experiment, log, run_command, trainer_name
+from nnunet_ext.trainers.names import parse_trainer_name
 
-PLANS = "nnUNetCPUPlans"
+PLANNER, PLANS = "nnUNetPlannerCPUGN", "nnUNetCPUGNPlans"  # one set of plans for every trainer compared
 CONFIGURATION = "3d_fullres"
-DEFAULT_TRAINERS = ("EncDec",)
+DEFAULT_TRAINERS = ("EncDec", "VAESeg", "BoundSeg", "CPCSeg", "ssVAESeg", "ssCPCSeg")
 
 
 def demo_environment(output: str) -> dict[str, str]:
@@ -41,16 +42,19 @@ def prepare_dataset(args: argparse.Namespace, env: dict[str, str]) -> str:
     else:
         log("writing the synthetic demo dataset", "demo")
         make_demo_dataset(args.d, env["nnUNet_raw"], args.num_train, args.num_test, args.num_unlabeled,
-                          seed=args.seed)
+                          shape=args.shape, seed=args.seed)
     preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
     if not os.path.isdir(os.path.join(preprocessed, f"{PLANS}_{CONFIGURATION}")):
         logs = os.path.join(args.output, "logs")
-        run_command(["nnunet-ext", "plan", "-d", str(args.d), "-pl", "nnUNetPlannerCPU", "-np", "2"],
+        run_command(["nnunet-ext", "plan", "-d", str(args.d), "-pl", PLANNER, "-np", "2"],
                     env, os.path.join(logs, "plan.log"))
         run_command(["nnUNetv2_preprocess", "-d", str(args.d), "-plans_name", PLANS, "-c", CONFIGURATION,
                      "-np", "2"], env, os.path.join(logs, "preprocess.log"))
     else:
         log(f"using existing preprocessed data in {preprocessed}", "demo")
+    if any(t.startswith("ss") for t in args.trainers):  # skips cases already done
+        run_command(["nnunet-ext", "preprocess-unlabeled", "-d", str(args.d), "-p", PLANS, "-c", CONFIGURATION,
+                     "-np", "2"], env, os.path.join(args.output, "logs", "preprocess_unlabeled.log"))
     return raw
 
 
@@ -84,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=20)
     parser.add_argument("--num-test", type=int, default=8)
     parser.add_argument("--num-unlabeled", type=int, default=16)
+    parser.add_argument("--shape", type=int, nargs=3, default=[52, 52, 52], metavar=("Z", "Y", "X"),
+                        help="image size of the synthetic cases (patch >= 48 per axis is needed for CPC)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -92,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     from nnunet_ext.evaluation.evaluate import evaluate_folder
 
     started = time.time()
+    names = {base: trainer_name(base, args.labels, args.unlabeled if base.startswith("ss") else None, args.epochs,
+                                args.iters, mirroring=False) for base in args.trainers}
+    for name in names.values():  # fail on a bad name before any work
+        parse_trainer_name(name)
     args.output = os.path.abspath(args.output)
     env = demo_environment(args.output)
     log(f"writing to {args.output} (nnUNet_raw={env['nnUNet_raw']}, "
@@ -100,9 +110,7 @@ def run(args: argparse.Namespace) -> int:
     experiment = Experiment(args.d, os.path.basename(raw), dict(env, nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "0")),
                             os.path.join(args.output, "logs"), PLANS, CONFIGURATION, device="cpu")
     rows = {}
-    for base in args.trainers:
-        unlabeled = args.unlabeled if base.startswith("ss") else None
-        name = trainer_name(base, args.labels, unlabeled, args.epochs, args.iters, mirroring=False)
+    for name in names.values():
         step = time.time()
         experiment.train(name, args.folds)
         predictions = experiment.predict(name, args.folds, os.path.join(raw, "imagesTs"),

@@ -42,3 +42,43 @@ def tiny_dataset(tmp_path_factory):
     return {"env": env, "id": TINY_DATASET_ID, "raw": raw, "root": root,
             "preprocessed": os.path.join(env["nnUNet_preprocessed"], f"Dataset{TINY_DATASET_ID}_BraTSDemo"),
             "results": os.path.join(env["nnUNet_results"], f"Dataset{TINY_DATASET_ID}_BraTSDemo")}
+
+
+BRANCH_DATASET_ID = 992
+
+
+@pytest.fixture(scope="session")
+def branch_dataset(tmp_path_factory):
+    """A 10-case 52^3 demo dataset on GroupNorm CPU plans (patch 48^3, CPC-capable) with preprocessed
+    imagesUnlabeled that also holds leaking copies: a fold-0 validation case under another name and a
+    test case under its own id."""
+    import json
+    import shutil
+
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    root = tmp_path_factory.mktemp("nnunet_branches")
+    env = nnunet_env(root)
+    name = f"Dataset{BRANCH_DATASET_ID}_BraTSDemo"
+    run(["nnunet-ext", "make-demo-dataset", "-d", str(BRANCH_DATASET_ID), "--num-train", "10", "--num-test", "2",
+         "--num-unlabeled", "4", "--shape", "52", "52", "52"], env)
+    run(["nnunet-ext", "plan", "-d", str(BRANCH_DATASET_ID), "-pl", "nnUNetPlannerCPUGN", "-np", "1",
+         "--preprocess"], env)
+    raw = os.path.join(env["nnUNet_raw"], name)
+    preprocessed = os.path.join(env["nnUNet_preprocessed"], name)
+    train_ids = sorted({f[:-12] for f in os.listdir(os.path.join(raw, "imagesTr"))})
+    splits = generate_crossval_split(train_ids, seed=12345, n_splits=5)  # what nnU-Net would write
+    with open(os.path.join(preprocessed, "splits_final.json"), "w") as f:
+        json.dump(splits, f)
+    val_case = splits[0]["val"][0]
+    test_case = sorted(os.listdir(os.path.join(raw, "labelsTs")))[0][:-7]
+    for c in range(4):
+        shutil.copy(os.path.join(raw, "imagesTr", f"{val_case}_{c:04d}.nii.gz"),
+                    os.path.join(raw, "imagesUnlabeled", f"LEAKVAL_{c:04d}.nii.gz"))
+        shutil.copy(os.path.join(raw, "imagesTs", f"{test_case}_{c:04d}.nii.gz"),
+                    os.path.join(raw, "imagesUnlabeled", f"{test_case}_{c:04d}.nii.gz"))
+    run(["nnunet-ext", "preprocess-unlabeled", "-d", str(BRANCH_DATASET_ID), "-p", "nnUNetCPUGNPlans"], env)
+    env["nnUNet_n_proc_DA"] = "0"
+    return {"env": env, "id": BRANCH_DATASET_ID, "raw": raw, "preprocessed": preprocessed, "splits": splits,
+            "leaks": {"LEAKVAL": val_case, test_case: "test"}, "plans": "nnUNetCPUGNPlans",
+            "results": os.path.join(env["nnUNet_results"], name)}

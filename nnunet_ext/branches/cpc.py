@@ -109,7 +109,9 @@ class CPCBranch(Branch):
         """Unweighted InfoNCE of the context network's predictions for the grid vectors ``z`` (B, D, *grid)."""
         g = z.shape[-1]
         h = g // 2
-        prediction = self.context(z[..., : g - h])[..., :h]
+        z = z.float()
+        with torch.autocast(z.device.type, enabled=False):  # tiny grid: fp32 keeps GroupNorm stable
+            prediction = self.context(z[..., : g - h])[..., :h]
         positive = torch.arange(z[0, 0].numel(), device=z.device).view(z.shape[2:])[..., g - h:].flatten()
         return info_nce(prediction.flatten(2), z.flatten(2), positive)
 

@@ -48,8 +48,7 @@ def plan_dataset(dataset_id: int, planner: str = "nnUNetPlannerCPU", gpu_memory_
                  verify_integrity: bool = False) -> str:
     """Fingerprint (if missing) and plan one dataset; return the plans identifier."""
     from nnunetv2.configuration import default_num_processes
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprints, plan_experiment_dataset)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiment_dataset
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 

@@ -79,7 +79,7 @@ def _write(array: np.ndarray, path: str, spacing: Sequence[float]) -> None:
 
 def make_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, raw_folder: str | None = None,
                       num_train: int = 20, num_test: int = 8, num_unlabeled: int = 16,
-                      shape: Sequence[int] = (56, 56, 56), spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                      shape: Sequence[int] = (52, 52, 52), spacing: Sequence[float] = (1.0, 1.0, 1.0),
                       seed: int = 0, overwrite: bool = False, verbose: bool = True) -> str:
     """Write the demo dataset into ``raw_folder`` (default ``$nnUNet_raw``); return its folder."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=20)
     parser.add_argument("--num-test", type=int, default=8)
     parser.add_argument("--num-unlabeled", type=int, default=16)
-    parser.add_argument("--shape", type=int, nargs=3, default=[56, 56, 56], metavar=("Z", "Y", "X"))
+    parser.add_argument("--shape", type=int, nargs=3, default=[52, 52, 52], metavar=("Z", "Y", "X"))
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("Z", "Y", "X"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")

@@ -62,6 +62,15 @@ def _base_of(name: str) -> str | None:
     return max(matches, key=len) if matches else None
 
 
+def _match_suffix(token: str) -> tuple[int, str, re.Match] | None:
+    """(position in the grammar, key, match) of a suffix token, or None when it is no suffix."""
+    for index, (key, pattern) in enumerate(_SUFFIXES):
+        match = pattern.match(token)
+        if match:
+            return index, key, match
+    return None
+
+
 def parse_trainer_name(name: str) -> TrainerSpec:
     """Parse a trainer name; raise TrainerNameError (saying what is wrong) for a malformed one."""
     base = _base_of(name)
@@ -71,14 +80,12 @@ def parse_trainer_name(name: str) -> TrainerSpec:
     values: dict[str, int | bool] = {}
     position = 0
     for token in tokens:
-        for index, (key, pattern) in enumerate(_SUFFIXES):
-            match = pattern.match(token)
-            if match:
-                break
-        else:
+        found = _match_suffix(token)
+        if found is None:
             raise TrainerNameError(
                 f"Trainer name '{name}': unknown suffix '_{token}'. Grammar: {GRAMMAR}, "
                 f"e.g. {base}_6labels_300epochs.")
+        index, key, match = found
         if index < position or key in values:
             raise TrainerNameError(
                 f"Trainer name '{name}': suffix '_{token}' is repeated or out of order. Grammar: {GRAMMAR}.")

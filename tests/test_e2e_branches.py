@@ -1,0 +1,155 @@
+"""End to end through the real CLI: branch and semi-supervised trainers train, resume, predict, ensemble;
+checkpoints load into stock nnU-Net; the unlabeled pool never holds validation or test cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import run
+
+pytestmark = pytest.mark.slow
+SHORT = "1epochs_4iters_noMirroring"
+
+
+def train(ds, trainer: str, fold: int = 0, *extra: str) -> subprocess.CompletedProcess:
+    return run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", str(fold), "-p", ds["plans"], "-tr", trainer,
+                "-device", "cpu", *extra], ds["env"])
+
+
+def fold_dir(ds, trainer: str, fold: int = 0) -> str:
+    return os.path.join(ds["results"], f"{trainer}__{ds['plans']}__3d_fullres", f"fold_{fold}")
+
+
+def predict(ds, trainer: str, folds: list[int], out: str, *extra: str) -> None:
+    run(["nnUNetv2_predict", "-i", os.path.join(ds["raw"], "imagesTs"), "-o", out, "-d", str(ds["id"]),
+         "-c", "3d_fullres", "-p", ds["plans"], "-tr", trainer, "-f", *map(str, folds), "-device", "cpu",
+         "-npp", "1", "-nps", "1", *extra], ds["env"])
+
+
+def check_predictions(ds, folder: str) -> None:
+    cases = sorted(os.listdir(os.path.join(ds["raw"], "labelsTs")))
+    for case in cases:
+        ref = sitk.ReadImage(os.path.join(ds["raw"], "labelsTs", case))
+        pred = sitk.ReadImage(os.path.join(folder, case))
+        assert pred.GetSize() == ref.GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
+
+
+def branch_losses(folder: str) -> list[float]:
+    log = next(f for f in sorted(os.listdir(folder)) if f.startswith("training_log"))
+    return [float(m) for m in re.findall(r"branch_loss ([0-9.]+)", open(os.path.join(folder, log)).read())]
+
+
+def load_into_stock_network(ds, checkpoint: dict) -> None:
+    """network_weights load strictly into the network a stock nnUNetTrainer builds from the plans."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(os.path.join(ds["preprocessed"], f"{ds['plans']}.json"))
+    cm = pm.get_configuration("3d_fullres")
+    net = nnUNetTrainer.build_network_architecture(pm, cm, 4, 3, enable_deep_supervision=False)
+    net.load_state_dict(checkpoint["network_weights"], strict=True)
+
+
+@pytest.mark.parametrize("base", ["VAESegTrainer", "BoundSegTrainer", "CPCSegTrainer"])
+def test_branch_trainer_train_resume_predict(branch_dataset, base, tmp_path):
+    ds = branch_dataset
+    trainer = f"{base}_3labels_{SHORT}"
+    train(ds, trainer)
+    folder = fold_dir(ds, trainer)
+    final = os.path.join(folder, "checkpoint_final.pth")
+    before = torch.load(final, map_location="cpu", weights_only=False)
+    assert before["branch_weights"] and len(branch_losses(folder)) == 1
+    load_into_stock_network(ds, before)
+    # --c on a finished run loads the checkpoint (branch included) and re-saves it unchanged
+    train(ds, trainer, 0, "--c")
+    after = torch.load(final, map_location="cpu", weights_only=False)
+    for key, value in before["branch_weights"].items():
+        assert torch.equal(value, after["branch_weights"][key]), key
+    predict(ds, trainer, [0], str(tmp_path / "pred"))
+    check_predictions(ds, str(tmp_path / "pred"))
+
+
+def test_cpc_loss_falls_below_chance(branch_dataset):
+    """On the demo data InfoNCE drops clearly below chance (ln of the candidates per prediction)."""
+    from nnunet_ext.branches.cpc import cpc_grid
+    from nnunet_ext.trainers.cpc import CPCSegTrainer
+
+    ds = branch_dataset
+    trainer = "CPCSegTrainer_3labels_3epochs_10iters_noMirroring"
+    train(ds, trainer)
+    plans = json.load(open(os.path.join(ds["preprocessed"], f"{ds['plans']}.json")))
+    candidates = math.prod(cpc_grid(plans["configurations"]["3d_fullres"]["patch_size"]))
+    chance = CPCSegTrainer.branch_kwargs["weight"] * math.log(candidates)
+    losses = branch_losses(fold_dir(ds, trainer))
+    assert len(losses) == 3 and losses[-1] < 0.8 * chance, (losses, chance)
+
+
+def test_interrupted_training_resumes_with_c(branch_dataset):
+    """Kill a run after its first checkpoint; --c resumes from it and finishes the schedule."""
+    ds = branch_dataset
+    trainer = "ssCPCSegTrainer_3labels_3epochs_4iters_noMirroring"
+    folder = fold_dir(ds, trainer)
+    cmd = ["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", ds["plans"], "-tr", trainer, "-device", "cpu"]
+    proc = subprocess.Popen(cmd, env=ds["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        checkpoint = os.path.join(folder, "checkpoint_best.pth")
+        for _ in range(600):
+            if os.path.isfile(checkpoint) or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert "branch_weights" in saved and not os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+    out = train(ds, trainer, 0, "--c").stdout
+    assert f"Epoch {saved['current_epoch']}" in out and "Epoch 0\n" not in out.split("Training done")[0][-2000:]
+    final = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 3
+
+
+@pytest.mark.parametrize("trainer, expected", [
+    (f"ssVAESegTrainer_3labels_{SHORT}", None),
+    (f"ssCPCSegTrainer_3labels_8unlabeled_{SHORT}", 8),
+])
+def test_semi_supervised_train_predict_ensemble(branch_dataset, trainer, expected, tmp_path):
+    ds = branch_dataset
+    per_fold = []
+    for fold in (0, 1):
+        train(ds, trainer, fold)
+        info = json.load(open(os.path.join(fold_dir(ds, trainer, fold), "unlabeled_cases.json")))
+        forbidden = set(ds["splits"][fold]["val"]) | {k for k, v in ds["leaks"].items() if v == "test"}
+        assert not forbidden & set(info["unlabeled"])
+        labeled = json.load(open(os.path.join(fold_dir(ds, trainer, fold), "labeled_cases.json")))["labeled"]
+        assert not set(labeled) & set(info["unlabeled"])
+        for leak, original in ds["leaks"].items():  # leaking copies are excluded and reported
+            if original == "test" or original in ds["splits"][fold]["val"]:
+                assert leak in info["excluded"] and leak not in info["unlabeled"]
+        if expected:
+            assert len(info["unlabeled"]) == expected
+        assert "imagesUnlabeled" in info["source"].values()
+        out = str(tmp_path / f"f{fold}")
+        predict(ds, trainer, [fold], out, "--save_probabilities")
+        per_fold.append(out)
+    train(ds, trainer, 1, "--c")  # resume of a finished run
+    run(["nnUNetv2_ensemble", "-i", *per_fold, "-o", str(tmp_path / "ens"), "-np", "1"], ds["env"])
+    check_predictions(ds, str(tmp_path / "ens"))
+
+
+def test_too_many_unlabeled_fails_clearly(branch_dataset):
+    ds = branch_dataset
+    proc = subprocess.run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", ds["plans"], "-tr",
+                           f"ssVAESegTrainer_3labels_500unlabeled_{SHORT}", "-device", "cpu"], env=ds["env"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "500 unlabeled images requested but the pool has only" in proc.stderr

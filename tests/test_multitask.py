@@ -1,0 +1,157 @@
+"""MultiTaskNetwork / MultiTaskLoss: plain inference, loss masking of unlabeled samples, DDP gradients."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+from nnunet_ext.branches import BoundaryBranch, CPCBranch, GroupNorm, VAEBranch
+from nnunet_ext.trainers.multitask import BranchBatch, MultiTaskLoss, MultiTaskNetwork, MultiTaskOutput
+
+PATCH = (48, 48, 48)
+
+
+def make_net(deep_supervision: bool = True) -> PlainConvUNet:
+    torch.manual_seed(0)
+    return PlainConvUNet(4, 3, (8, 16, 32), torch.nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), 3, (1, 1), True, GroupNorm,
+                         {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
+                         deep_supervision=deep_supervision)
+
+
+def seg_loss() -> torch.nn.Module:
+    loss = DC_and_BCE_loss({}, {"batch_dice": False, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                           use_ignore_label=False, dice_class=MemoryEfficientSoftDiceLoss)
+    return DeepSupervisionWrapper(loss, [1.0, 0.5])
+
+
+def targets(batch: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    full = (torch.rand(batch, 3, *PATCH, generator=g) > 0.7).float()
+    return [full, full[:, :, ::2, ::2, ::2]]
+
+
+def test_eval_forward_is_the_plain_network_and_state_dict_loads_strictly():
+    net = make_net(deep_supervision=False)
+    mt = MultiTaskNetwork(net, VAEBranch.from_encoder(net.encoder, PATCH, 4, 3)).eval()
+    x = torch.randn(1, 4, *PATCH)
+    mt.pending = BranchBatch(None, torch.ones(1, dtype=torch.bool))
+    with torch.no_grad():
+        assert torch.equal(mt(x), net(x))  # eval mode ignores pending branch input
+    fresh = make_net(deep_supervision=False)
+    fresh.load_state_dict(mt.state_dict(), strict=True)
+    assert not any(k.startswith("branch") for k in mt.state_dict())
+    assert any(n.startswith("branch.") for n, _ in mt.named_parameters())  # optimizer and DDP see the branch
+
+
+def test_unlabeled_samples_give_no_segmentation_gradient():
+    """Changing an unlabeled sample's target changes neither the loss nor any gradient."""
+    x = torch.randn(2, 4, *PATCH)
+    labeled = torch.tensor([True, False])
+    grads, losses = [], []
+    for seed in (1, 2):
+        net = make_net()
+        mt = MultiTaskNetwork(net, VAEBranch.from_encoder(net.encoder, PATCH, 4, 3)).train()
+        t = targets(2, 0)
+        other = targets(2, seed)
+        t = [torch.stack([a[0], b[1]]) for a, b in zip(t, other)]  # sample 1's (unlabeled) target varies
+        torch.manual_seed(0)  # same VAE sample
+        mt.pending = BranchBatch(None, labeled)
+        out = mt(x)
+        loss = MultiTaskLoss(seg_loss())
+        total = loss(out, t)
+        total.backward()
+        losses.append(total.item())
+        grads.append(torch.cat([p.grad.flatten() for p in mt.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=0, abs=0)
+    assert torch.equal(grads[0], grads[1])
+    # and the segmentation loss on the labeled sample alone is what was used
+    assert isinstance(out, MultiTaskOutput) and out.labeled.tolist() == [True, False]
+
+
+def test_all_unlabeled_batch_keeps_decoder_in_graph():
+    net = make_net()
+    mt = MultiTaskNetwork(net, VAEBranch.from_encoder(net.encoder, PATCH, 4, 3)).train()
+    mt.pending = BranchBatch(None, torch.zeros(2, dtype=torch.bool))
+    total = MultiTaskLoss(seg_loss())(mt(torch.randn(2, 4, *PATCH)), targets(2, 0))
+    total.backward()
+    assert all(p.grad is not None for p in mt.parameters())
+    decoder_own = [p for n, p in net.decoder.named_parameters() if not n.startswith("encoder.")]
+    assert decoder_own and all(p.grad.abs().sum() == 0 for p in decoder_own)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _branch(kind: str, net):
+    if kind == "cpc":
+        return CPCBranch.from_encoder(net.encoder, PATCH, 4, 3, weight=0.5)
+    return BoundaryBranch.from_encoder(net.encoder, PATCH, 4, 3)
+
+
+def _grads(kind: str, x, t, world: int = 1, rank: int = 0) -> dict[str, torch.Tensor]:
+    net = make_net()
+    model = MultiTaskNetwork(net, _branch(kind, net)).train()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    model.pending = BranchBatch(t[0] if kind == "boundary" else None, torch.ones(x.shape[0], dtype=torch.bool))
+    MultiTaskLoss(seg_loss())(wrapped(x), t).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _ddp_worker(rank: int, world: int, port: int, kind: str, x, t, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    part = slice(rank, rank + 1)
+    grads = _grads(kind, x[part], [s[part] for s in t], world, rank)
+    torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["cpc", "boundary"])
+def test_ddp_gradients_match_single_process(kind, tmp_path):
+    """gloo DDP with 2 processes x 1 sample == one process on the concatenated batch of 2."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, *PATCH)
+    t = targets(2, 5)
+    reference = _grads(kind, x, t)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), kind, x, t, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert grads.keys() == reference.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, reference[name], rtol=1e-3, atol=2e-5, msg=name)  # float32 sum order
+    assert any(n.startswith("branch.") and g.abs().sum() > 0 for n, g in reference.items())
+    assert any(n.startswith("net.encoder") and g.abs().sum() > 0 for n, g in reference.items())
+
+
+@pytest.mark.parametrize("branch_cls", [VAEBranch, BoundaryBranch, CPCBranch])
+def test_mixed_precision_and_compile_keep_working(branch_cls):
+    """Autocast (bfloat16 on CPU, as nnU-Net autocasts on CUDA) and torch.compile through the wrapper."""
+    net = make_net()
+    mt = MultiTaskNetwork(net, branch_cls.from_encoder(net.encoder, PATCH, 4, 3)).train()
+    compiled = torch.compile(mt, backend="aot_eager")
+    loss_fn = MultiTaskLoss(seg_loss())
+    x, t = torch.randn(2, 4, *PATCH), targets(2, 0)
+    for _ in range(2):  # second step reuses the compiled graph
+        mt.pending = BranchBatch(t[0], torch.tensor([True, False]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compiled(x)
+            total = loss_fn(out, t)
+        assert out.branch_loss.dtype == torch.float32 and torch.isfinite(total)
+        total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mt.parameters())
+    mt.eval()
+    with torch.no_grad():
+        assert isinstance(compiled(x), (list, tuple))  # plain segmentation at inference
