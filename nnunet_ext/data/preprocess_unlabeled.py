@@ -58,6 +58,15 @@ def file_hash(path: str) -> str:
     return digest.hexdigest()
 
 
+def _nifti_is_finite(path: str) -> bool:
+    """SimpleITK's NIfTI reader silently turns NaN/inf into 0, so NIfTI files are checked with nibabel."""
+    if not path.endswith((".nii", ".nii.gz")):
+        return True
+    import nibabel
+
+    return bool(np.isfinite(np.asanyarray(nibabel.load(path).dataobj)).all())
+
+
 def load_checked(image_files: list[str], reader) -> tuple[np.ndarray, dict]:
     """Read one case's channels (C, *spatial); raise ValueError naming a file that is unreadable,
     mis-shaped or not finite."""
@@ -67,7 +76,7 @@ def load_checked(image_files: list[str], reader) -> tuple[np.ndarray, dict]:
             data, props = reader.read_images([f])
         except Exception as e:  # any reader failure: name the file
             raise ValueError(f"{f}: cannot be read as an image ({type(e).__name__}: {e}).") from e
-        if not np.isfinite(data).all():
+        if not (np.isfinite(data).all() and _nifti_is_finite(f)):
             raise ValueError(f"{f}: contains NaN or infinite voxels; fix or remove this image.")
         if arrays and data.shape[1:] != arrays[0].shape[1:]:
             raise ValueError(f"{f}: shape {data.shape[1:]} differs from {image_files[0]} "

@@ -1,0 +1,138 @@
+"""Unlabeled data: preprocessing equals nnU-Net's, is idempotent and rejects bad input; the pool guards
+against leakage; the loader mixes labeled and unlabeled samples as documented."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import nibabel
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ext.data.preprocess_unlabeled import load_checked, preprocess_unlabeled, raw_cases, unlabeled_folder
+from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader, build_pool, split_batch
+
+
+def write(path, array, spacing=(1.0, 1.0, 1.0)):
+    img = sitk.GetImageFromArray(array.astype(np.float32))
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path))
+
+
+def test_pool_excludes_validation_test_and_copies():
+    pool = build_pool(beyond_budget=["a", "b", "v1"], folder_ids=["u1", "u2", "t1", "copy_v", "copy_t", "a", "l1"],
+                      labeled=["l1", "l2"], validation=["v1", "v2"], test={"t1", "t2"},
+                      duplicates={"copy_v": "imagesTr/v2", "copy_t": "imagesTs/t2", "u2": "imagesTr/zz"})
+    assert sorted(pool.ids) == ["a", "b", "u1", "u2"]
+    assert set(pool.excluded) == {"v1", "t1", "copy_v", "copy_t", "l1", "imagesUnlabeled/a"}
+    assert "validation" in pool.excluded["copy_v"] and "test" in pool.excluded["copy_t"]
+    assert pool.source["a"].startswith("fold training") and pool.source["u1"] == "imagesUnlabeled"
+    assert pool.select(2) == pool.ids[:2] and pool.select(None) == pool.ids
+    with pytest.raises(ValueError, match="5 unlabeled images requested but the pool has only 4"):
+        pool.select(5)
+    again = build_pool(["a", "b"], ["u1", "u2"], [], [], set())
+    assert again.ids == build_pool(["b", "a"], ["u2", "u1"], [], [], set()).ids  # deterministic
+
+
+def test_split_batch():
+    assert split_batch(2, 0.5) == (1, 1)
+    assert split_batch(8, 0.25) == (6, 2)
+    assert split_batch(2, 0.9) == (1, 1)  # at least one of each
+    assert split_batch(1, 0.5) == (1, 1)
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    folder = tmp_path / "imagesUnlabeled"
+    folder.mkdir()
+    ok = np.random.rand(6, 7, 8)
+    write(folder / "A_0000.nii.gz", ok)
+    write(folder / "A_0001.nii.gz", ok)
+    write(folder / "B_0000.nii.gz", ok)
+    with pytest.raises(ValueError, match="case 'B' has channel files \\[0\\].*2 channels"):
+        raw_cases(str(folder), ".nii.gz", 2)
+    (folder / "B_0000.nii.gz").unlink()
+    assert list(raw_cases(str(folder), ".nii.gz", 2)) == ["A"]
+    reader = SimpleITKIO()
+    write(tmp_path / "small.nii.gz", ok[:5])
+    with pytest.raises(ValueError, match="small.nii.gz: shape"):
+        load_checked([str(folder / "A_0000.nii.gz"), str(tmp_path / "small.nii.gz")], reader)
+    bad = ok.copy()
+    bad[1, 2, 3] = np.nan
+    write(tmp_path / "nan.mha", bad)
+    with pytest.raises(ValueError, match="nan.mha: contains NaN or infinite"):
+        load_checked([str(tmp_path / "nan.mha")], reader)
+    nibabel.save(nibabel.Nifti1Image(bad.astype(np.float32), np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(ValueError, match="nan.nii.gz: contains NaN or infinite"):  # SimpleITK reads it as 0
+        load_checked([str(tmp_path / "nan.nii.gz")], reader)
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.nii.gz: cannot be read"):
+        load_checked([str(tmp_path / "broken.nii.gz")], reader)
+    data, props = load_checked([str(folder / "A_0000.nii.gz"), str(folder / "A_0001.nii.gz")], reader)
+    assert data.shape == (2, 6, 7, 8) and "spacing" in props
+
+
+@pytest.mark.slow
+def test_preprocessing_matches_nnunet_is_idempotent_and_loses_nothing(branch_dataset, tmp_path, monkeypatch):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    ds = branch_dataset
+    name = os.path.basename(ds["raw"])
+    # work on a copy so the shared fixture stays intact
+    raw_root, pre_root = tmp_path / "raw", tmp_path / "pre"
+    shutil.copytree(ds["raw"], raw_root / name)
+    shutil.copytree(ds["preprocessed"], pre_root / name)
+    monkeypatch.setenv("nnUNet_raw", str(raw_root))
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre_root))
+    folder = unlabeled_folder(str(pre_root / name), f"{ds['plans']}_3d_fullres")
+    labeled_folder = str(pre_root / name / f"{ds['plans']}_3d_fullres")
+
+    # LEAKVAL is a copy of a labeled training case: same preprocessing result as nnU-Net's
+    original = ds["leaks"]["LEAKVAL"]
+    mine = nnUNetDatasetBlosc2(folder, ["LEAKVAL"]).load_case("LEAKVAL")
+    theirs = nnUNetDatasetBlosc2(labeled_folder, [original]).load_case(original)
+    np.testing.assert_array_equal(np.asarray(mine[0]), np.asarray(theirs[0]))
+    assert mine[3]["class_locations"] == {} and mine[3]["spacing"] == theirs[3]["spacing"]
+
+    before = {f: os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)}
+    preprocess_unlabeled(ds["id"], ["3d_fullres"], ds["plans"])  # idempotent: nothing redone
+    assert {f: os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)} == before
+
+    for c in range(4):  # SimpleITK would read inf as 0: write with nibabel, as scanners' tools do
+        source = nibabel.load(str(raw_root / name / "imagesUnlabeled" / f"LEAKVAL_{c:04d}.nii.gz"))
+        image = np.asarray(source.dataobj, dtype=np.float32)
+        image[0, 0, 0] = np.inf
+        nibabel.save(nibabel.Nifti1Image(image, source.affine), str(raw_root / name / "imagesUnlabeled" /
+                                                                    f"ZBAD_{c:04d}.nii.gz"))
+    with pytest.raises(ValueError, match="ZBAD_0000.nii.gz: contains NaN or infinite"):
+        preprocess_unlabeled(ds["id"], ["3d_fullres"], ds["plans"])
+    after = {f: os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)}
+    assert after == before  # nothing lost, nothing half-written
+
+
+@pytest.mark.slow
+def test_loader_mixes_labeled_and_unlabeled(branch_dataset):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    ds = branch_dataset
+    pm = PlansManager(os.path.join(ds["preprocessed"], f"{ds['plans']}.json"))
+    import json
+    lm = pm.get_label_manager(json.load(open(os.path.join(ds["preprocessed"], "dataset.json"))))
+    labeled_folder = os.path.join(ds["preprocessed"], f"{ds['plans']}_3d_fullres")
+    folder = unlabeled_folder(ds["preprocessed"], f"{ds['plans']}_3d_fullres")
+    train = ds["splits"][0]["train"]
+    labeled = nnUNetDatasetBlosc2(labeled_folder, train[:3])
+    parts = [nnUNetDatasetBlosc2(labeled_folder, train[3:5]), nnUNetDatasetBlosc2(folder, ["DEMO_012"])]
+    pooled = PooledDataset(labeled, parts, unlabeled_fraction=0.5)
+    loader = SemiSupervisedDataLoader(pooled, 4, (48, 48, 48), (48, 48, 48), lm, oversample_foreground_percent=1.0)
+    assert [loader.get_do_oversample(j) for j in range(4)] == [True, True, False, False]
+    for _ in range(3):
+        batch = next(loader)
+        assert batch["labeled"].tolist() == [True, True, False, False]
+        assert set(batch["keys"][:2]) <= set(train[:3]) and set(batch["keys"][2:]) <= {*train[3:5], "DEMO_012"}
+        assert (batch["target"][2:] == 0).all() and batch["data"].shape[0] == 4
+        assert (batch["target"][:2] > 0).any()  # oversampled labeled patches hold foreground
