@@ -86,13 +86,13 @@ def test_cpc_loss_falls_below_chance(branch_dataset):
     from nnunet_ext.trainers.cpc import CPCSegTrainer
 
     ds = branch_dataset
-    trainer = "CPCSegTrainer_3labels_3epochs_10iters_noMirroring"
+    trainer = "CPCSegTrainer_3labels_4epochs_10iters_noMirroring"
     train(ds, trainer)
     plans = json.load(open(os.path.join(ds["preprocessed"], f"{ds['plans']}.json")))
     candidates = math.prod(cpc_grid(plans["configurations"]["3d_fullres"]["patch_size"]))
     chance = CPCSegTrainer.branch_kwargs["weight"] * math.log(candidates)
     losses = branch_losses(fold_dir(ds, trainer))
-    assert len(losses) == 3 and losses[-1] < 0.8 * chance, (losses, chance)
+    assert len(losses) == 4 and losses[-1] < 0.8 * chance, (losses, chance)
 
 
 def test_interrupted_training_resumes_with_c(branch_dataset):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -155,3 +156,13 @@ def test_mixed_precision_and_compile_keep_working(branch_cls):
     mt.eval()
     with torch.no_grad():
         assert isinstance(compiled(x), (list, tuple))  # plain segmentation at inference
+
+
+def test_planned_chunk_size_keeps_cpc_within_the_planned_activations():
+    from nnunet_ext.branches.cpc import planned_chunk_size
+
+    assert planned_chunk_size((128, 128, 128), 2) == 128  # 686 sub-patches in 6 chunks of <= 2 patches' voxels
+    assert planned_chunk_size((48, 48, 48), 2) == 6
+    assert planned_chunk_size((48, 48), 64) == 144
+    for patch, batch in (((128, 128, 128), 2), ((160, 192, 128), 2), ((64, 64, 64), 4)):
+        assert planned_chunk_size(patch, batch) * 32 ** 3 <= batch * np.prod(patch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -25,6 +26,18 @@ def cpc_grid(patch_size: Sequence[int], size: int = 32, stride: int = 16) -> tup
                              f"with stride {stride}), but axis {axis} of patch size {tuple(patch_size)} has {s}; "
                              f"plan a patch size of at least {minimum} per axis")
     return tuple((int(s) - size) // stride + 1 for s in patch_size)
+
+
+def planned_chunk_size(patch_size: Sequence[int], batch_size: int, size: int = 32, stride: int = 16) -> int:
+    """Sub-patches per checkpointed encoder call so that CPC's activations stay within what nnU-Net planned.
+
+    nnU-Net budgets GPU memory for ``batch_size`` patches through the network; the overlapping
+    sub-patches of a patch always hold more voxels than the patch (about (2 - 32/S)^d times; 5.4x at
+    128^3), so encoding them at once would not fit. Chunks of floor(batch_size·prod(patch) / size^d)
+    sub-patches keep each (recomputed) encoder call at the planned size.
+    """
+    cpc_grid(patch_size, size, stride)  # validates the patch
+    return max(1, batch_size * math.prod(patch_size) // size ** len(patch_size))
 
 
 def extract_subpatches(x: torch.Tensor, size: int = 32, stride: int = 16) -> torch.Tensor:

@@ -147,12 +147,16 @@ class MultiTaskTrainer(ExtTrainer):
         """The planned network (nnU-Net's static builder) wrapped with this trainer's branch."""
         net = type(self).build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                     num_output_channels, enable_deep_supervision)
+        kwargs = self.branch_arguments()
         branch = self.branch_class.from_encoder(net.encoder, configuration_manager.patch_size,
-                                                num_input_channels, self.num_branch_targets,
-                                                **self.branch_kwargs)
+                                                num_input_channels, self.num_branch_targets, **kwargs)
         self.print_to_log_file(f"{type(branch).__name__}: {sum(p.numel() for p in branch.parameters())} "
-                               f"parameters, kwargs {self.branch_kwargs}")
+                               f"parameters, arguments {kwargs}")
         return MultiTaskNetwork(net, branch)
+
+    def branch_arguments(self) -> dict:
+        """Keyword arguments of the branch (hook: derive them from the plans or the device)."""
+        return dict(self.branch_kwargs)
 
     @property
     def num_branch_targets(self) -> int:
