@@ -1,0 +1,431 @@
+"""Label-efficiency study: train a grid of trainers x label budgets, predict the test split, report.
+
+Each grid cell (trainer base, label budget, and for ss* trainers an unlabeled count) is one nnU-Net
+trainer name such as ``CPCSegTrainer_6labels_300epochs``, trained fold by fold with the real
+``nnUNetv2_train``, then the fold ensemble predicts the labeled test split (``imagesTs``) with
+``nnUNetv2_predict`` and is evaluated against ``labelsTs`` (BraTS empty-mask convention). Writes into
+``--output`` (default ``$nnUNet_results/DatasetXXX_NAME/study``): ``results.csv``, ``results.md``
+(Table 1), ``fig2_dice_vs_labels.png``, ``fig4_dice_vs_unlabeled.png`` (ss trainers with several
+``--unlabeled``), ``study_status.json``, ``logs/`` and ``predictions/<trainer>/folds_<F>/``.
+
+Resumable: trained folds are skipped, an interrupted training resumes (``--c``), a cell whose
+evaluation summary exists is not predicted again. A failing cell is logged (with its log file),
+recorded as failed in ``study_status.json``, and the grid goes on; the exit code is 1 if any cell
+failed. ``--dispatch print`` prints the remaining commands (train per fold, predict, evaluate) one per
+line for any scheduler; ``--dispatch submitit`` submits the remaining training folds as SLURM jobs
+(rerun with ``--dispatch local`` afterwards to predict, evaluate and report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nnunet_ext import pipeline
+from nnunet_ext.evaluation.report import ResultRow, markdown_table, write_report
+from nnunet_ext.pipeline import Experiment, log, trainer_name
+from nnunet_ext.trainers.names import BASES, TrainerNameError, parse_trainer_name
+
+# the paper's models by our short names (bases not in names.BASES are not implemented yet)
+PAPER_MODELS = ("EncDec", "VAESeg", "BoundSeg", "CPCSeg", "ssVAESeg", "ssCPCSeg")
+DISPATCH = ("local", "print", "submitit")
+EMPTY_POLICY = "brats"
+STATUS_FILE = "study_status.json"
+# option defaults; a --preset replaces those the user did not give (see preset_options)
+DEFAULTS = {"plans": "nnUNetPlans", "configuration": "3d_fullres", "device": "cuda", "folds": [0, 1, 2, 3, 4],
+            "no_mirroring": False}
+PRESETS = {"cpu-smoke": {"labels": [3, 6], "folds": [0], "epochs": 2, "iters": 5, "no_mirroring": True,
+                         "device": "cpu"}}
+# where the cpu-smoke preset keeps nnU-Net's folders when nnUNet_* are unset (shared with `nnunet-ext demo`)
+SMOKE_ROOT = "nnunet_ext_demo"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: model (short base name), label budget, unlabeled count, and its trainer name."""
+
+    model: str
+    labels: int
+    unlabeled: int | None
+    trainer: str
+
+
+def implemented_models() -> list[str]:
+    """Short names of the implemented trainer bases (``EncDecTrainer`` -> ``EncDec``)."""
+    return [base.removesuffix("Trainer") for base in BASES]
+
+
+def trainer_base(model: str) -> str:
+    """Return the trainer base of a ``--trainers`` entry; raise ValueError for an unknown one."""
+    base = model if model.endswith("Trainer") else model + "Trainer"
+    if base in BASES:
+        return base
+    state = "is not implemented yet" if base.removesuffix("Trainer") in PAPER_MODELS else "is not a trainer base"
+    raise ValueError(f"--trainers: '{model}' {state}; implemented: {', '.join(implemented_models())} "
+                     f"(give base names; label budgets come from --labels and --unlabeled)")
+
+
+def build_grid(models: Sequence[str], labels: Sequence[int], unlabeled: Sequence[int] | None = None,
+               epochs: int | None = None, iters: int | None = None, mirroring: bool = True) -> list[Cell]:
+    """Return the cells in order model, labels, unlabeled; ``unlabeled`` applies to ss trainers only."""
+    bases = list(dict.fromkeys(trainer_base(m) for m in models))
+    cells = []
+    for base in bases:
+        counts = list(dict.fromkeys(unlabeled)) if BASES[base][1] and unlabeled else [None]
+        for n in dict.fromkeys(labels):
+            for m in counts:
+                name = trainer_name(base, n, m, epochs, iters, mirroring)
+                try:
+                    parse_trainer_name(name)
+                except TrainerNameError as error:
+                    raise ValueError(f"--labels/--unlabeled/--epochs/--iters give an invalid trainer: {error}") \
+                        from error
+                cells.append(Cell(base.removesuffix("Trainer"), n, m, name))
+    return cells
+
+
+@dataclass
+class Study:
+    """Where a study's cells are trained, predicted and evaluated, and the commands that do it."""
+
+    experiment: Experiment
+    raw: str
+    output: str
+    folds: list[int]
+    num_gpus: int | None = None
+
+    def fold_tag(self) -> str:
+        """The fold set as a folder name, e.g. ``folds_0_1``."""
+        return "folds_" + "_".join(map(str, self.folds))
+
+    def prediction_folder(self, cell: Cell) -> str:
+        """Predictions of the cell's fold ensemble on the test split."""
+        return os.path.join(self.output, "predictions", cell.trainer, self.fold_tag())
+
+    def summary_path(self, cell: Cell) -> str:
+        """The evaluation summary whose existence marks a finished cell."""
+        return os.path.join(self.prediction_folder(cell), f"summary_{EMPTY_POLICY}.json")
+
+    def train_log(self, cell: Cell, fold: int) -> str:
+        """The training log of one fold (the file ``Experiment.train`` would use)."""
+        return os.path.join(self.experiment.log_folder, f"train_{cell.trainer}_fold{fold}.log")
+
+    def predict_log(self, cell: Cell) -> str:
+        """The prediction log of a cell (the file ``Experiment.predict`` would use)."""
+        return os.path.join(self.experiment.log_folder, f"predict_{cell.trainer}.log")
+
+    def pending_folds(self, cell: Cell) -> list[int]:
+        """The folds of the cell that have not finished training."""
+        return [f for f in self.folds if not self.experiment.is_trained(cell.trainer, f)]
+
+    def train_command(self, cell: Cell, fold: int) -> list[str]:
+        """``nnUNetv2_train`` of one fold, with ``-num_gpus`` when asked for."""
+        gpus = [] if self.num_gpus is None else ["-num_gpus", str(self.num_gpus)]
+        return self.experiment.train_command(cell.trainer, fold) + gpus
+
+    def predict_command(self, cell: Cell) -> list[str]:
+        """``nnUNetv2_predict`` of the fold ensemble on ``imagesTs``."""
+        return self.experiment.predict_command(cell.trainer, self.folds, os.path.join(self.raw, "imagesTs"),
+                                               self.prediction_folder(cell))
+
+    def evaluate_command(self, cell: Cell) -> list[str]:
+        """``nnunet-ext evaluate`` of the cell's predictions, writing the summary the study looks for."""
+        return ["nnunet-ext", "evaluate", os.path.join(self.raw, "labelsTs"), self.prediction_folder(cell),
+                "-djfile", os.path.join(self.raw, "dataset.json"), "-o", self.summary_path(cell), "-np", "1"]
+
+
+def run_cell(study: Study, cell: Cell, progress: str) -> dict:
+    """Train, predict and evaluate one cell, skipping finished steps; return its status entry."""
+    from nnunet_ext.evaluation.evaluate import evaluate_folder
+
+    log_path = None
+    try:
+        for fold in study.folds:
+            if study.experiment.is_trained(cell.trainer, fold):
+                log(f"{cell.trainer} fold {fold}: already trained, skipping", progress)
+                continue
+            log_path = study.train_log(cell, fold)
+            log(f"{cell.trainer} fold {fold}: training (log: {log_path})", progress)
+            pipeline.run_command(study.train_command(cell, fold), study.experiment.env, log_path)
+        if os.path.isfile(study.summary_path(cell)):
+            log(f"{cell.trainer}: already evaluated, skipping prediction", progress)
+            return {"state": "done", "summary": study.summary_path(cell)}
+        log_path = study.predict_log(cell)
+        log(f"{cell.trainer}: predicting imagesTs with folds {' '.join(map(str, study.folds))}", progress)
+        pipeline.run_command(study.predict_command(cell), study.experiment.env, log_path, echo=False)
+        log_path = None
+        evaluate_folder(os.path.join(study.raw, "labelsTs"), study.prediction_folder(cell),
+                        os.path.join(study.raw, "dataset.json"), study.summary_path(cell), EMPTY_POLICY)
+    except Exception as error:  # one failing cell must not stop the grid
+        log(f"{cell.trainer}: FAILED: {error}" + (f" (log: {log_path})" if log_path else ""), progress)
+        return {"state": "failed", "error": str(error), "log": log_path}
+    log(f"{cell.trainer}: done", progress)
+    return {"state": "done", "summary": study.summary_path(cell)}
+
+
+def update_status(path: str, cell: Cell, folds: list[int], entry: dict) -> None:
+    """Record a cell's state in ``study_status.json`` (kept across runs, one entry per trainer)."""
+    status = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            status = json.load(f)
+    status[cell.trainer] = {"model": cell.model, "labels": cell.labels, "unlabeled": cell.unlabeled,
+                            "folds": folds, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **entry}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(status, f, indent=2)
+
+
+def _metric(value: float | None) -> float:
+    """A summary value as float (the JSON writes NaN as null)."""
+    return math.nan if value is None else float(value)
+
+
+def result_rows(study: Study, cells: Sequence[Cell]) -> list[ResultRow]:
+    """Read the evaluation summaries of the finished cells into report rows (mean over test cases)."""
+    rows = []
+    for cell in cells:
+        if not os.path.isfile(study.summary_path(cell)):
+            continue
+        with open(study.summary_path(cell)) as f:
+            summary = json.load(f)["summary"]
+        rows += [ResultRow(cell.trainer, cell.model, cell.labels, cell.unlabeled, tuple(study.folds), region,
+                           _metric(m["Dice"]["mean"]), _metric(m["HD95"]["mean"])) for region, m in summary.items()]
+    return rows
+
+
+def run_local(study: Study, cells: Sequence[Cell]) -> int:
+    """Run the grid sequentially, write the report; return 1 if any cell failed, else 0."""
+    status_path = os.path.join(study.output, STATUS_FILE)
+    failed = []
+    for index, cell in enumerate(cells, 1):
+        entry = run_cell(study, cell, f"study {index}/{len(cells)}")
+        update_status(status_path, cell, study.folds, entry)
+        if entry["state"] == "failed":
+            failed.append(cell.trainer)
+    rows = result_rows(study, cells)
+    if rows:
+        paths = write_report(rows, study.output)
+        print("\n" + markdown_table(rows) + "\n", flush=True)
+        log("wrote " + ", ".join(paths.values()), "study")
+    if failed:
+        log(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)} (details in {status_path})", "study")
+        return 1
+    log(f"all {len(cells)} cells done", "study")
+    return 0
+
+
+def print_commands(study: Study, cells: Sequence[Cell]) -> int:
+    """Print the remaining commands of every cell, one per line (notes go to stderr); return 0."""
+    for cell in cells:
+        if os.path.isfile(study.summary_path(cell)):
+            print(f"# {cell.trainer}: already evaluated", file=sys.stderr)
+            continue
+        for fold in study.pending_folds(cell):
+            print(shlex.join(study.train_command(cell, fold)))
+        print(shlex.join(study.predict_command(cell)))
+        print(shlex.join(study.evaluate_command(cell)))
+    return 0
+
+
+def slurm_parameters(pairs: Sequence[str]) -> dict[str, int | str]:
+    """Parse ``--slurm KEY=VALUE`` pairs (integers converted) for submitit's ``update_parameters``."""
+    parameters: dict[str, int | str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--slurm: expected KEY=VALUE (e.g. timeout_min=2880), got '{pair}'")
+        parameters[key] = int(value) if value.isdigit() else value
+    return parameters
+
+
+def load_submitit() -> types.ModuleType:
+    """Import submitit (an optional dependency); raise ImportError saying how to install it."""
+    try:
+        import submitit
+    except ImportError as error:
+        raise ImportError("--dispatch submitit needs the submitit library: pip install submitit "
+                          "(or use --dispatch print and submit the commands yourself)") from error
+    return submitit
+
+
+def submit_cells(study: Study, cells: Sequence[Cell], slurm: dict[str, int | str]) -> int:
+    """Submit every pending training fold as a SLURM job through submitit; return 0.
+
+    Jobs inherit the job's environment (sbatch exports the submitting shell's by default), so SLURM's
+    own variables such as ``CUDA_VISIBLE_DEVICES`` stay intact.
+    """
+    submitit = load_submitit()
+    executor = submitit.AutoExecutor(folder=os.path.join(study.output, "submitit"), cluster="slurm")
+    executor.update_parameters(**{"gpus_per_node": study.num_gpus or 1, **slurm})
+    status_path = os.path.join(study.output, STATUS_FILE)
+    for index, cell in enumerate(cells, 1):
+        jobs = {}
+        for fold in study.pending_folds(cell):
+            function = submitit.helpers.CommandFunction(study.train_command(cell, fold))
+            jobs[fold] = executor.submit(function).job_id
+            log(f"{cell.trainer} fold {fold}: submitted job {jobs[fold]}", f"study {index}/{len(cells)}")
+        if jobs:
+            update_status(status_path, cell, study.folds, {"state": "submitted", "jobs": jobs})
+    log("when the jobs are done, rerun with --dispatch local to predict, evaluate and report", "study")
+    return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``nnunet-ext study`` arguments (unset options take the --preset's or the default value)."""
+    parser.add_argument("-d", type=int, default=None, help="dataset id (with imagesTs/labelsTs)")
+    parser.add_argument("--trainers", nargs="+", default=None,
+                        help=f"trainer bases by short name, e.g. {' '.join(PAPER_MODELS)} "
+                             f"(implemented: {' '.join(implemented_models())})")
+    parser.add_argument("--labels", type=positive_int, nargs="+", default=None, help="label budgets, e.g. 3 6 12")
+    parser.add_argument("--unlabeled", type=positive_int, nargs="+", default=None,
+                        help="unlabeled counts for ss* trainers (ignored by the others; default: all available)")
+    parser.add_argument("--folds", type=int, nargs="+", default=None, help="folds to train and ensemble "
+                        f"(default {' '.join(map(str, DEFAULTS['folds']))})")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: nnU-Net's 1000)")
+    parser.add_argument("--iters", type=positive_int, default=None, help="iterations per epoch (default 250)")
+    parser.add_argument("--no-mirroring", action="store_true", default=None,
+                        help="no mirroring augmentation and no test-time mirroring")
+    parser.add_argument("-p", "--plans", default=None, help=f"plans identifier (default {DEFAULTS['plans']})")
+    parser.add_argument("-c", "--configuration", default=None,
+                        help=f"configuration (default {DEFAULTS['configuration']})")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help=f"device (default {DEFAULTS['device']})")
+    parser.add_argument("--num-gpus", type=positive_int, default=None,
+                        help="GPUs per training, passed to nnUNetv2_train -num_gpus")
+    parser.add_argument("--output", default=None,
+                        help="folder for predictions, logs and results (default $nnUNet_results/DatasetXXX/study)")
+    parser.add_argument("--dispatch", choices=DISPATCH, default="local",
+                        help="local: run sequentially (default); print: print the commands; submitit: SLURM jobs")
+    parser.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="submitit executor parameters, e.g. timeout_min=2880 slurm_partition=gpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="cpu-smoke: the demo dataset, all implemented trainers, labels 3 6, fold 0, "
+                             "2 epochs x 5 iterations on CPU (under 15 minutes on 2 cores)")
+
+
+def preset_options(name: str) -> dict:
+    """A preset's options; cpu-smoke adds the demo's dataset and plans and all implemented trainers."""
+    from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID
+    from nnunet_ext.demo import CONFIGURATION, PLANS
+
+    return dict(PRESETS[name], d=DEFAULT_DATASET_ID, plans=PLANS, configuration=CONFIGURATION,
+                trainers=implemented_models())
+
+
+def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options from the preset, then the defaults; check the required ones."""
+    preset = preset_options(args.preset) if args.preset else {}
+    for key, value in {**DEFAULTS, **preset}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    missing = [flag for flag, key in (("-d", "d"), ("--trainers", "trainers"), ("--labels", "labels"))
+               if getattr(args, key) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or use --preset cpu-smoke)")
+    if args.num_gpus and args.num_gpus > 1 and args.device != "cuda":
+        raise ValueError(f"--num-gpus {args.num_gpus} needs --device cuda")
+    return args
+
+
+def study_environment(args: argparse.Namespace) -> dict[str, str]:
+    """nnU-Net's environment: the current one, or for the preset the demo's (folders and process counts)."""
+    if args.preset:
+        from nnunet_ext.demo import demo_environment
+
+        return demo_environment(SMOKE_ROOT)
+    env = dict(os.environ)
+    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not env.get(v)]
+    if missing:
+        raise ValueError(f"set {', '.join(missing)} (nnU-Net's folders), or use --preset cpu-smoke")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def dataset_folder(raw_root: str, dataset_id: int) -> str:
+    """Return ``raw_root/DatasetXXX_NAME`` of ``-d``; raise ValueError when it is missing or ambiguous."""
+    prefix = f"Dataset{dataset_id:03d}_"
+    found = sorted(n for n in os.listdir(raw_root) if n.startswith(prefix)) if os.path.isdir(raw_root) else []
+    if len(found) != 1:
+        raise ValueError(f"-d {dataset_id}: expected one {prefix}* folder in {raw_root}, found {found or 'none'}")
+    return os.path.join(raw_root, found[0])
+
+
+def prepare_smoke_dataset(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Write, plan and preprocess the demo dataset of the cpu-smoke preset when missing (as the demo does)."""
+    from nnunet_ext import demo
+
+    if (args.plans, args.configuration) != (demo.PLANS, demo.CONFIGURATION):
+        raise ValueError(f"--preset cpu-smoke prepares -p {demo.PLANS} -c {demo.CONFIGURATION}; drop -p/-c")
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    demo_args = parser.parse_args(["-d", str(args.d), "--output", os.path.abspath(SMOKE_ROOT),
+                                   "--trainers", *args.trainers])
+    demo.prepare_dataset(demo_args, env)
+
+
+def check_dataset(raw: str, env: dict[str, str], plans: str) -> None:
+    """Raise ValueError unless the test split and the plans exist."""
+    for sub in ("imagesTs", "labelsTs"):
+        if not os.path.isdir(os.path.join(raw, sub)):
+            raise ValueError(f"{raw} has no {sub}/: the study predicts and evaluates the labeled test split "
+                             f"(convert-msd and make-demo-dataset write one)")
+    plans_file = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), f"{plans}.json")
+    if not os.path.isfile(plans_file):
+        raise ValueError(f"-p {plans}: {plans_file} does not exist; plan and preprocess the dataset first "
+                         f"(nnunet-ext plan / nnUNetv2_plan_and_preprocess)")
+
+
+def make_study(args: argparse.Namespace) -> Study:
+    """Resolve the environment, dataset and folders of a study from the parsed options."""
+    env = study_environment(args)
+    if args.preset:
+        prepare_smoke_dataset(args, env)
+        env.setdefault("nnUNet_n_proc_DA", "0")  # like the demo; set after planning, which fails with 0
+    raw = dataset_folder(env["nnUNet_raw"], args.d)
+    check_dataset(raw, env, args.plans)
+    name = os.path.basename(raw)
+    output = os.path.abspath(args.output or os.path.join(env["nnUNet_results"], name, "study"))
+    experiment = Experiment(args.d, name, env, os.path.join(output, "logs"), args.plans, args.configuration,
+                            args.device)
+    return Study(experiment, raw, output, list(dict.fromkeys(args.folds)), args.num_gpus)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``nnunet-ext study``: validate the grid, then train/predict/evaluate, print or submit it."""
+    try:
+        resolve_options(args)
+        cells = build_grid(args.trainers, args.labels, args.unlabeled, args.epochs, args.iters,
+                           not args.no_mirroring)
+        slurm = slurm_parameters(args.slurm)
+        if args.dispatch == "submitit":
+            load_submitit()
+        # with --dispatch print, stdout carries only the commands
+        with contextlib.redirect_stdout(sys.stderr) if args.dispatch == "print" else contextlib.nullcontext():
+            study = make_study(args)
+    except (ValueError, ImportError, RuntimeError) as error:  # RuntimeError: cpu-smoke data preparation
+        raise SystemExit(f"nnunet-ext study: {error}") from error
+    if args.dispatch == "print":
+        return print_commands(study, cells)
+    log(f"{len(cells)} cells x folds {' '.join(map(str, study.folds))} on {study.experiment.dataset_name} "
+        f"({study.experiment.plans}, {study.experiment.configuration}); output {study.output}", "study")
+    if args.dispatch == "submitit":
+        return submit_cells(study, cells, slurm)
+    return run_local(study, cells)

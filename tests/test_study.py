@@ -1,0 +1,307 @@
+"""The study runner: grid, validation, --dispatch print/submitit, resumability (stubbed nnU-Net), and one
+slow run of a tiny real grid through the ``nnunet-ext study`` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ext import cli, demo, pipeline
+from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, REGION_LABELS
+from nnunet_ext.study import build_grid, prepare_smoke_dataset, resolve_options
+from nnunet_ext.trainers.names import BASES
+
+DATASET = "Dataset042_Fake"
+RESULT_FOLDER = "{trainer}__nnUNetPlans__3d_fullres"
+
+
+@pytest.fixture
+def ss_base(monkeypatch):
+    """Register a fake semi-supervised base so that grids with ss trainers can be built."""
+    monkeypatch.setitem(BASES, "ssFakeTrainer", ("nnunet_ext.trainers.encdec", True))
+    return "ssFake"
+
+
+@pytest.fixture
+def fake_nnunet(tmp_path, monkeypatch):
+    """nnU-Net folders with a 2-case labeled test split, a plans file, and a stub of ``run_command``.
+
+    The stub records every command; training writes the fold's validation summary (what
+    ``Experiment.is_trained`` looks for) unless the trainer/fold is in ``fail``; prediction copies
+    the reference label maps into the output folder, so the real evaluation gives Dice 1.
+    """
+    raw = tmp_path / "raw" / DATASET
+    for sub in ("imagesTs", "labelsTs"):
+        (raw / sub).mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "FLAIR"}, "labels": REGION_LABELS, "regions_class_order": [1, 2, 3],
+        "numTraining": 4, "file_ending": ".nii.gz"}))
+    for case in range(2):
+        label = np.zeros((6, 6, 6), np.uint8)
+        label[1:4, 1:4, 1:4] = 1
+        label[2, 2, 2 + case] = 3
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(raw / "labelsTs" / f"FAKE_{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(label.astype(np.float32)),
+                        str(raw / "imagesTs" / f"FAKE_{case}_0000.nii.gz"))
+    (tmp_path / "preprocessed" / DATASET).mkdir(parents=True)
+    (tmp_path / "preprocessed" / DATASET / "nnUNetPlans.json").write_text("{}")
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    fake = types.SimpleNamespace(calls=[], fail=set(), raw=raw, results=tmp_path / "results" / DATASET,
+                                 output=tmp_path / "results" / DATASET / "study")
+
+    def run_command(cmd: list[str], env: dict[str, str], log_path: str, echo: bool = True) -> None:
+        fake.calls.append(cmd)
+        trainer = cmd[cmd.index("-tr") + 1]
+        if cmd[0] == "nnUNetv2_train":
+            if (trainer, int(cmd[3])) in fake.fail:
+                raise RuntimeError(f"command failed (exit 1): {' '.join(cmd)}; see {log_path}")
+            fold = fake.results / RESULT_FOLDER.format(trainer=trainer) / f"fold_{cmd[3]}" / "validation"
+            fold.mkdir(parents=True)
+            (fold / "summary.json").write_text("{}")
+        else:
+            shutil.copytree(raw / "labelsTs", cmd[cmd.index("-o") + 1], dirs_exist_ok=True)
+
+    monkeypatch.setattr(pipeline, "run_command", run_command)
+    return fake
+
+
+def study(*argv: str) -> int:
+    """Run ``nnunet-ext study`` in this process through the real command line parser."""
+    return cli.main(["study", "-d", "42", *argv])
+
+
+def trainings(calls: list[list[str]]) -> list[tuple[str, str]]:
+    """(trainer, fold) of the recorded training commands."""
+    return [(c[c.index("-tr") + 1], c[3]) for c in calls if c[0] == "nnUNetv2_train"]
+
+
+def test_grid_names_supervised_and_semi_supervised(ss_base):
+    cells = build_grid(["EncDec", ss_base], [3, 6], [10, 100], epochs=5, mirroring=False)
+    assert [c.trainer.removesuffix("_5epochs_noMirroring") for c in cells] == [
+        "EncDecTrainer_3labels", "EncDecTrainer_6labels", "ssFakeTrainer_3labels_10unlabeled",
+        "ssFakeTrainer_3labels_100unlabeled", "ssFakeTrainer_6labels_10unlabeled", "ssFakeTrainer_6labels_100unlabeled"]
+    assert all(c.trainer.endswith("_5epochs_noMirroring") for c in cells)
+    assert [(c.model, c.labels, c.unlabeled) for c in cells[:3]] == [("EncDec", 3, None), ("EncDec", 6, None),
+                                                                  ("ssFake", 3, 10)]
+
+
+def test_grid_without_unlabeled_uses_all_and_dedupes(ss_base):
+    cells = build_grid(["EncDecTrainer", "EncDec", ss_base], [6, 6], iters=4)
+    assert [c.trainer for c in cells] == ["EncDecTrainer_6labels_4iters", "ssFakeTrainer_6labels_4iters"]
+    assert cells[1].unlabeled is None
+
+
+def test_unknown_and_unimplemented_bases_are_rejected(monkeypatch):
+    monkeypatch.delitem(BASES, "VAESegTrainer", raising=False)
+    with pytest.raises(ValueError, match="--trainers: 'VAESeg' is not implemented yet; implemented: EncDec"):
+        build_grid(["EncDec", "VAESeg"], [3])
+    with pytest.raises(ValueError, match="'Foo' is not a trainer base"):
+        build_grid(["Foo"], [3])
+    with pytest.raises(ValueError, match="'EncDec_6labels' is not a trainer base.*--labels"):
+        build_grid(["EncDec_6labels"], [3])
+    with pytest.raises(ValueError, match="invalid trainer.*positive integer"):
+        build_grid(["EncDec"], [0])
+
+
+def test_cli_errors_name_the_argument(fake_nnunet, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="'Foo' is not a trainer base"):
+        study("--trainers", "Foo", "--labels", "3")
+    with pytest.raises(SystemExit, match="--labels required"):
+        study("--trainers", "EncDec")
+    with pytest.raises(SystemExit):
+        study("--trainers", "EncDec", "--labels", "0")
+    assert "argument --labels: must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--num-gpus 2 needs --device cuda"):
+        study("--trainers", "EncDec", "--labels", "3", "--num-gpus", "2", "--device", "cpu")
+    with pytest.raises(SystemExit, match="-p OtherPlans: .*OtherPlans.json does not exist"):
+        study("--trainers", "EncDec", "--labels", "3", "-p", "OtherPlans")
+    with pytest.raises(SystemExit, match="-d 43: expected one Dataset043_"):
+        cli.main(["study", "-d", "43", "--trainers", "EncDec", "--labels", "3"])
+    monkeypatch.delenv("nnUNet_results")
+    with pytest.raises(SystemExit, match="set nnUNet_results"):
+        study("--trainers", "EncDec", "--labels", "3")
+    assert fake_nnunet.calls == []
+
+
+def test_missing_test_labels_are_an_error(fake_nnunet):
+    shutil.rmtree(fake_nnunet.raw / "labelsTs")
+    with pytest.raises(SystemExit, match="no labelsTs/"):
+        study("--trainers", "EncDec", "--labels", "3")
+
+
+def test_preset_fills_only_unset_options():
+    args = cli.build_parser("study").parse_args(["study", "--preset", "cpu-smoke", "--labels", "4"])
+    resolve_options(args)
+    assert args.d == DEFAULT_DATASET_ID and args.plans == demo.PLANS
+    assert args.labels == [4] and args.folds == [0] and args.device == "cpu" and args.no_mirroring
+    assert args.trainers == [b.removesuffix("Trainer") for b in BASES]
+    plain = resolve_options(cli.build_parser("study").parse_args(["study", "-d", "1", "--trainers", "EncDec",
+                                                                  "--labels", "3"]))
+    assert (plain.plans, plain.configuration, plain.device, plain.folds) == ("nnUNetPlans", "3d_fullres", "cuda",
+                                                                             [0, 1, 2, 3, 4])
+    assert plain.no_mirroring is False
+
+
+def test_preset_prepares_the_demo_dataset_with_the_demo_arguments(monkeypatch):
+    prepared = []
+    monkeypatch.setattr(demo, "prepare_dataset", lambda args, env: prepared.append(args))
+    args = resolve_options(cli.build_parser("study").parse_args(["study", "--preset", "cpu-smoke"]))
+    prepare_smoke_dataset(args, {})
+    assert prepared[0].d == DEFAULT_DATASET_ID and prepared[0].trainers == args.trainers
+    assert prepared[0].output == os.path.abspath("nnunet_ext_demo")
+    with pytest.raises(ValueError, match="--preset cpu-smoke prepares -p"):
+        prepare_smoke_dataset(resolve_options(cli.build_parser("study").parse_args(
+            ["study", "--preset", "cpu-smoke", "-p", "nnUNetPlans"])), {})
+
+
+def test_dispatch_print_prints_remaining_commands_only(fake_nnunet, capsys):
+    done = fake_nnunet.results / RESULT_FOLDER.format(trainer="EncDecTrainer_3labels") / "fold_0" / "validation"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text("{}")
+    assert study("--trainers", "EncDec", "--labels", "3", "6", "--folds", "0", "1", "--num-gpus", "2",
+                 "--dispatch", "print") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["nnUNetv2_train", "nnUNetv2_predict", "nnunet-ext",
+                                                   "nnUNetv2_train", "nnUNetv2_train", "nnUNetv2_predict",
+                                                   "nnunet-ext"]
+    assert lines[0].startswith("nnUNetv2_train 42 3d_fullres 1 -p nnUNetPlans -tr EncDecTrainer_3labels ")
+    assert lines[0].endswith("-device cuda --c -num_gpus 2")
+    assert "-tr EncDecTrainer_6labels -f 0 1 " in lines[5]
+    assert lines[6].endswith(f"-o {fake_nnunet.output}/predictions/EncDecTrainer_6labels/folds_0_1/"
+                             "summary_brats.json -np 1")
+    assert fake_nnunet.calls == [] and not (fake_nnunet.output / "study_status.json").exists()
+
+
+def test_dispatch_print_keeps_data_preparation_output_off_stdout(fake_nnunet, monkeypatch, capsys):
+    def prepare(args, env):
+        print("[demo] preparing")
+        raw = shutil.copytree(fake_nnunet.raw, os.path.join(env["nnUNet_raw"], f"Dataset{args.d}_BraTSDemo"))
+        os.makedirs(os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw)))
+        with open(os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), f"{demo.PLANS}.json"), "w") as f:
+            f.write("{}")
+
+    monkeypatch.setattr(demo, "prepare_dataset", prepare)
+    assert cli.main(["study", "--preset", "cpu-smoke", "--trainers", "EncDec", "--dispatch", "print"]) == 0
+    out, err = capsys.readouterr()
+    assert "[demo] preparing" in err
+    assert [line.split()[0] for line in out.splitlines()] == ["nnUNetv2_train", "nnUNetv2_predict", "nnunet-ext"] * 2
+
+
+def test_crashed_cell_is_reported_others_continue_and_rerun_skips(fake_nnunet, capsys):
+    grid = ("--trainers", "EncDec", "--labels", "2", "3", "4", "--folds", "0", "1")
+    fake_nnunet.fail.add(("EncDecTrainer_3labels", 1))
+    assert study(*grid) == 1
+    out = capsys.readouterr().out
+    assert "[study 2/3] EncDecTrainer_3labels fold 1: training" in out
+    log_path = os.path.join(fake_nnunet.output, "logs", "train_EncDecTrainer_3labels_fold1.log")
+    assert "[study 2/3] EncDecTrainer_3labels: FAILED: command failed" in out and f"(log: {log_path})" in out
+    assert len(trainings(fake_nnunet.calls)) == 6
+    assert sum(c[0] == "nnUNetv2_predict" for c in fake_nnunet.calls) == 2
+    status = json.loads((fake_nnunet.output / "study_status.json").read_text())
+    assert {t: s["state"] for t, s in status.items()} == {"EncDecTrainer_2labels": "done",
+                                                         "EncDecTrainer_3labels": "failed",
+                                                         "EncDecTrainer_4labels": "done"}
+    assert status["EncDecTrainer_3labels"]["log"] == log_path
+    with open(fake_nnunet.output / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["trainer"] for r in rows} == {"EncDecTrainer_2labels", "EncDecTrainer_4labels"}
+    assert {r["region"] for r in rows} == set(REGION_LABELS) - {"background"}
+    assert all(float(r["dice"]) == 1.0 and float(r["hd95_mm"]) == 0.0 and r["folds"] == "0 1" for r in rows)
+
+    fake_nnunet.fail.clear()
+    fake_nnunet.calls.clear()
+    assert study(*grid) == 0
+    assert trainings(fake_nnunet.calls) == [("EncDecTrainer_3labels", "1")]
+    assert [c[c.index("-tr") + 1] for c in fake_nnunet.calls if c[0] == "nnUNetv2_predict"] == \
+        ["EncDecTrainer_3labels"]
+    assert "| EncDec | 3 | – | 1.0000 | 1.0000 | 1.0000 | 0.00 | 0.00 | 0.00 |" in \
+        (fake_nnunet.output / "results.md").read_text()
+    assert (fake_nnunet.output / "fig2_dice_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
+
+    fake_nnunet.calls.clear()
+    assert study(*grid) == 0
+    assert fake_nnunet.calls == []
+    assert "EncDecTrainer_2labels: already evaluated, skipping prediction" in capsys.readouterr().out
+
+
+def test_submitit_missing_names_the_install_command(fake_nnunet, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` raise ImportError
+    with pytest.raises(SystemExit, match="pip install submitit"):
+        study("--trainers", "EncDec", "--labels", "3", "--dispatch", "submitit")
+    assert fake_nnunet.calls == []
+
+
+def test_submitit_submits_each_pending_training_fold(fake_nnunet, monkeypatch):
+    submitted, parameters = [], {}
+
+    class Executor:
+        def __init__(self, folder: str, cluster: str):
+            assert cluster == "slurm"
+
+        def update_parameters(self, **kwargs):
+            parameters.update(kwargs)
+
+        def submit(self, function):
+            submitted.append(function)
+            return types.SimpleNamespace(job_id=str(len(submitted)))
+
+    class CommandFunction:
+        def __init__(self, command: list[str]):
+            self.command = command
+
+    fake = types.SimpleNamespace(AutoExecutor=Executor, helpers=types.SimpleNamespace(CommandFunction=CommandFunction))
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    assert study("--trainers", "EncDec", "--labels", "3", "6", "--folds", "0", "1", "--num-gpus", "4",
+                 "--dispatch", "submitit", "--slurm", "timeout_min=60", "slurm_partition=gpu") == 0
+    assert parameters == {"gpus_per_node": 4, "timeout_min": 60, "slurm_partition": "gpu"}
+    assert [(f.command[f.command.index("-tr") + 1], f.command[3]) for f in submitted] == [
+        ("EncDecTrainer_3labels", "0"), ("EncDecTrainer_3labels", "1"),
+        ("EncDecTrainer_6labels", "0"), ("EncDecTrainer_6labels", "1")]
+    assert all(f.command[-2:] == ["-num_gpus", "4"] for f in submitted)
+    status = json.loads((fake_nnunet.output / "study_status.json").read_text())
+    assert status["EncDecTrainer_6labels"]["state"] == "submitted"
+    assert status["EncDecTrainer_6labels"]["jobs"] == {"0": "3", "1": "4"}
+    assert fake_nnunet.calls == []
+
+
+def test_bad_slurm_parameter_is_an_error(fake_nnunet):
+    with pytest.raises(SystemExit, match="--slurm: expected KEY=VALUE"):
+        study("--trainers", "EncDec", "--labels", "3", "--slurm", "timeout_min")
+
+
+@pytest.mark.slow
+def test_tiny_real_grid_through_the_cli(tiny_dataset, tmp_path):
+    ds = tiny_dataset
+    output = tmp_path / "study"
+    cmd = ["nnunet-ext", "study", "-d", str(ds["id"]), "--trainers", "EncDec", "--labels", "2", "3", "--folds", "0",
+           "--epochs", "1", "--iters", "2", "--no-mirroring", "--device", "cpu", "-p", "nnUNetCPUPlans",
+           "--output", str(output)]
+    env = dict(ds["env"], OMP_NUM_THREADS="1")
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert "[study 2/2] EncDecTrainer_3labels_1epochs_2iters_noMirroring fold 0: training" in first.stdout
+    with open(output / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["labels"] for r in rows} == {"2", "3"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert (output / "results.md").read_text().startswith("| model | labels | unlabeled | Dice ET |")
+    assert (output / "fig2_dice_vs_labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoints = [os.path.join(ds["results"], f"EncDecTrainer_{n}labels_1epochs_2iters_noMirroring__nnUNetCPUPlans"
+                                "__3d_fullres", "fold_0", "checkpoint_final.pth") for n in (2, 3)]
+    mtimes = [os.path.getmtime(c) for c in checkpoints]
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert "nnUNetv2_train" not in second.stdout and "nnUNetv2_predict" not in second.stdout
+    assert second.stdout.count("already trained, skipping") == 2
+    assert [os.path.getmtime(c) for c in checkpoints] == mtimes
