@@ -83,10 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unlabeled", type=int, default=None,
                         help="unlabeled images for semi-supervised trainers (default: all available)")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=25, help="training iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10, help="training iterations per epoch")
     parser.add_argument("--num-train", type=int, default=20)
-    parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--num-test", type=int, default=6)
     parser.add_argument("--num-unlabeled", type=int, default=16)
     parser.add_argument("--shape", type=int, nargs=3, default=[52, 52, 52], metavar=("Z", "Y", "X"),
                         help="image size of the synthetic cases (patch >= 48 per axis is needed for CPC)")

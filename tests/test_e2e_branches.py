@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import run
 
 pytestmark = pytest.mark.slow
