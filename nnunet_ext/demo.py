@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     from nnunet_ext.evaluation.evaluate import evaluate_folder
 
     started = time.time()
-    names = {base: trainer_name(base, args.labels, args.unlabeled if base.startswith("ss") else None, args.epochs,
-                                args.iters, mirroring=False) for base in args.trainers}
-    for name in names.values():  # fail on a bad name before any work
+    names = [trainer_name(base, args.labels, args.unlabeled if base.startswith("ss") else None, args.epochs,
+                          args.iters, mirroring=False) for base in args.trainers]
+    for name in names:  # fail on a bad name before any work
         parse_trainer_name(name)
     args.output = os.path.abspath(args.output)
     env = demo_environment(args.output)
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     experiment = Experiment(args.d, os.path.basename(raw), dict(env, nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "0")),
                             os.path.join(args.output, "logs"), PLANS, CONFIGURATION, device="cpu")
     rows = {}
-    for name in names.values():
+    for name in names:
         step = time.time()
         experiment.train(name, args.folds)
         predictions = experiment.predict(name, args.folds, os.path.join(raw, "imagesTs"),

@@ -40,6 +40,10 @@ def test_train_two_folds_predict_and_ensemble(tiny_dataset, tmp_path):
         assert not set(labeled["labeled"]) & set(splits[fold]["val"])
         assert os.path.isfile(os.path.join(out_base, f"fold_{fold}", "checkpoint_final.pth"))
 
+    best = run(["nnUNetv2_find_best_configuration", str(ds["id"]), "-c", "3d_fullres", "-tr", TRAINER,
+                "-p", "nnUNetCPUPlans", "-f", "0", "1", "--disable_ensembling", "-np", "1"], ds["env"]).stdout
+    assert f"-tr {TRAINER}" in best  # nnU-Net's own model selection accepts our trainers
+
     images = os.path.join(ds["raw"], "imagesTs")
     per_fold = []
     for fold in (0, 1):
