@@ -1,9 +1,9 @@
 """Measure how strongly each branch pulls on the encoder, to choose the CPC loss weight.
 
 For a planned network on real (demo) patches at initialisation, computes the encoder gradient norm of
-nnU-Net's segmentation loss and of each unweighted branch loss, averaged over a few batches. The
-paper fixes the VAE weight (0.1); the CPC weight is chosen so that CPC's encoder gradient matches the
-weighted VAE's. Prints a table and writes JSON.
+nnU-Net's segmentation loss and of each unweighted branch loss (median over a few batches), and the
+CPC weights that make CPC's encoder gradient equal to the segmentation loss's (the default, 0.05) or to
+the paper's 0.1-weighted VAE's. Prints a table and writes JSON.
 
     python benchmarks/cpc_weight.py -d 990 -p nnUNetCPUGNPlans --batches 8
 """
@@ -67,11 +67,13 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in norms.items()}
     vae_weight = 0.1
     cpc_weight = vae_weight * med["VAE"] / med["CPC"]
+    cpc_weight_seg = med["segmentation"] / med["CPC"]
     rows = [(k, float(np.mean(values[k])), med[k], med[k] / med["segmentation"]) for k in norms]
     print("\n| loss (unweighted) | value | encoder grad norm (median) | / segmentation |\n|---|---|---|---|")
     for name, value, norm, ratio in rows:
         print(f"| {name} | {value:.4f} | {norm:.4g} | {ratio:.3f} |")
-    print(f"\nCPC weight giving the encoder gradient of the 0.1-weighted VAE: {cpc_weight:.3g}")
+    print(f"\nCPC weight giving the encoder gradient of the segmentation loss: {cpc_weight_seg:.3g}")
+    print(f"CPC weight giving the encoder gradient of the 0.1-weighted VAE: {cpc_weight:.3g}")
     plans = load_json(os.path.join(nnUNet_preprocessed, trainer.plans_manager.dataset_name, args.p + ".json"))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -79,6 +81,7 @@ def main() -> None:
                    "norm_op": plans["configurations"][args.c]["architecture"]["arch_kwargs"]["norm_op"],
                    "batches": args.batches, "grad_norm_median": med,
                    "loss_mean": {k: float(np.mean(v)) for k, v in values.items()},
+                   "cpc_weight_matching_segmentation": cpc_weight_seg,
                    "cpc_weight_matching_vae": cpc_weight}, f, indent=2)
 
 
