@@ -178,10 +178,19 @@ def preprocess_unlabeled(dataset_id: int | str, configurations: list[str], plans
             for i, job in enumerate(jobs):
                 preprocess_case(*job)
                 print(f"[preprocess-unlabeled] {i + 1}/{len(jobs)} {job[0]}", flush=True)
-        with open(os.path.join(out, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
+        _write_if_changed(os.path.join(out, MANIFEST), manifest)
         outputs[configuration] = out
     return outputs
+
+
+def _write_if_changed(path: str, content: dict) -> None:
+    """Write JSON unless the file already holds exactly this content (keeps reruns side-effect free)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            if json.load(f) == content:
+                return
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
