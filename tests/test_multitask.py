@@ -166,3 +166,38 @@ def test_planned_chunk_size_keeps_cpc_within_the_planned_activations():
     assert planned_chunk_size((48, 48), 64) == 144
     for patch, batch in (((128, 128, 128), 2), ((160, 192, 128), 2), ((64, 64, 64), 4)):
         assert planned_chunk_size(patch, batch) * 32 ** 3 <= batch * np.prod(patch)
+
+
+def test_checkpoint_appears_only_with_its_branch(tmp_path, monkeypatch):
+    """save_checkpoint never leaves ``filename`` without ``branch_weights``, even for an instant: a run killed
+    between nnU-Net's write and ours must keep a checkpoint that ``--c`` can resume."""
+    from types import SimpleNamespace
+
+    from nnunet_ext.trainers.multitask import MultiTaskTrainer
+
+    net = make_net()
+    trainer = object.__new__(MultiTaskTrainer)
+    trainer.__dict__.update(
+        local_rank=0, disable_checkpointing=False, is_ddp=False, grad_scaler=None,
+        logger=SimpleNamespace(get_checkpoint=dict), _best_ema=None, current_epoch=0, my_init_kwargs={},
+        inference_allowed_mirroring_axes=None,
+        network=MultiTaskNetwork(net, VAEBranch.from_encoder(net.encoder, PATCH, 4, 3)))
+    trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.1)
+    target = str(tmp_path / "checkpoint_best.pth")
+    seen = []
+    real_save = torch.save
+
+    def watching_save(obj, f, *args, **kwargs):
+        if os.path.isfile(target):  # whatever is at the target while anything is written must be complete
+            seen.append("branch_weights" in torch.load(target, map_location="cpu", weights_only=False))
+        assert str(f) != target, "the checkpoint must be written elsewhere and moved into place"
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", watching_save)
+    trainer.save_checkpoint(target)
+    trainer.save_checkpoint(target)  # a second save replaces a complete file with a complete file
+    saved = torch.load(target, map_location="cpu", weights_only=False)
+    assert saved["branch_class"] == "VAEBranch" and set(saved["branch_weights"]) == set(
+        trainer.multitask_network.branch.state_dict())
+    assert seen and all(seen)
+    assert os.listdir(tmp_path) == ["checkpoint_best.pth"]

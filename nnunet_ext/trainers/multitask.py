@@ -207,14 +207,22 @@ class MultiTaskTrainer(ExtTrainer):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus ``branch_weights`` (the optimizer state already covers the branch)."""
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint["branch_weights"] = self.multitask_network.branch.state_dict()
-            checkpoint["branch_class"] = type(self.multitask_network.branch).__name__
-            torch.save(checkpoint, filename + ".tmp")
-            os.replace(filename + ".tmp", filename)
+        """nnU-Net's checkpoint plus ``branch_weights`` (the optimizer state already covers the branch).
+
+        nnU-Net writes its dictionary to a temporary file; the branch is added there and the file is moved
+        into place in one step, so ``filename`` never exists without its branch (a run killed mid-save
+        keeps the previous checkpoint, and ``--c`` can always resume the branch).
+        """
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)
+            return
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        checkpoint = torch.load(partial, map_location="cpu", weights_only=False)
+        checkpoint["branch_weights"] = self.multitask_network.branch.state_dict()
+        checkpoint["branch_class"] = type(self.multitask_network.branch).__name__
+        torch.save(checkpoint, partial)
+        os.replace(partial, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         """nnU-Net's checkpoint loading, then the branch weights (an error if they are missing)."""
