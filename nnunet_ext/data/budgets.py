@@ -40,15 +40,22 @@ def labeled_order(train_ids: Sequence[str], order: Sequence[str] | None = None,
     return pinned + [rest[i] for i in permutation]
 
 
-def select_labeled(train_ids: Sequence[str], budget: int, order: Sequence[str] | None = None,
-                   seed: int = DEFAULT_SEED) -> list[str]:
-    """Return the first ``budget`` cases of :func:`labeled_order`; fail when the fold has fewer."""
+def split_budget(train_ids: Sequence[str], budget: int, order: Sequence[str] | None = None,
+                 seed: int = DEFAULT_SEED) -> tuple[list[str], list[str]]:
+    """Split :func:`labeled_order` at ``budget``: (labeled cases, the rest in order); fail when too few."""
     if budget < 1:
         raise ValueError(f"Label budget must be at least 1, got {budget}.")
     if budget > len(train_ids):
         raise ValueError(f"Label budget {budget} exceeds the {len(train_ids)} training cases of this fold; "
                          f"choose _<N>labels with N <= {len(train_ids)}.")
-    return labeled_order(train_ids, order, seed)[:budget]
+    ordering = labeled_order(train_ids, order, seed)
+    return ordering[:budget], ordering[budget:]
+
+
+def select_labeled(train_ids: Sequence[str], budget: int, order: Sequence[str] | None = None,
+                   seed: int = DEFAULT_SEED) -> list[str]:
+    """Return the first ``budget`` cases of :func:`labeled_order`; fail when the fold has fewer."""
+    return split_budget(train_ids, budget, order, seed)[0]
 
 
 def order_file_path(preprocessed_dataset_folder: str) -> str:

@@ -8,7 +8,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.data.budgets import DEFAULT_SEED, labeled_order, load_order_file, order_file_path, select_labeled
+from nnunet_ext.data.budgets import DEFAULT_SEED, load_order_file, order_file_path, split_budget
 from nnunet_ext.trainers.names import TrainerSpec
 
 LABELED_IDS_FILE = "labeled_cases.json"
@@ -54,10 +54,12 @@ class ExtTrainer(nnUNetTrainer):
         order_file = order_file_path(self.preprocessed_dataset_folder_base)
         order = load_order_file(order_file) if os.path.isfile(order_file) else None
         try:
-            labeled = select_labeled(tr_keys, budget, order, self.budget_seed)
+            labeled, self.beyond_budget = split_budget(tr_keys, budget, order, self.budget_seed)
         except ValueError as e:
             raise ValueError(f"{self.__class__.__name__}, fold {self.fold}: {e}") from None
-        self.beyond_budget = labeled_order(tr_keys, order, self.budget_seed)[budget:]
+        if getattr(self, "_budget_reported", False):  # nnU-Net splits again for the final validation
+            return labeled, val_keys
+        self._budget_reported = True
         source = f"pinned order {order_file}" if order else f"seeded order, seed {self.budget_seed}"
         self.print_to_log_file(f"Label budget {budget}: training on {labeled} ({source})")
         if self.local_rank == 0:
