@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nnunet_ext import pipeline
+from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 from nnunet_ext.evaluation.report import ResultRow, markdown_table, write_report
 from nnunet_ext.pipeline import Experiment, log, trainer_name
 from nnunet_ext.trainers.names import BASES, TrainerNameError, parse_trainer_name
@@ -123,6 +124,18 @@ class Study:
         """The prediction log of a cell (the file ``Experiment.predict`` would use)."""
         return os.path.join(self.experiment.log_folder, f"predict_{cell.trainer}.log")
 
+    def unlabeled_used(self, cell: Cell) -> tuple[int, ...]:
+        """Per fold, how many unlabeled images the cell trained with (its ``unlabeled_cases.json``);
+        empty for supervised cells, or when a fold's file is missing (e.g. trained elsewhere)."""
+        counts = []
+        for fold in self.folds:
+            path = os.path.join(self.experiment.result_folder(cell.trainer), f"fold_{fold}", UNLABELED_IDS_FILE)
+            if not os.path.isfile(path):
+                return ()
+            with open(path) as f:
+                counts.append(len(json.load(f)["unlabeled"]))
+        return tuple(counts)
+
     def pending_folds(self, cell: Cell) -> list[int]:
         """The folds of the cell that have not finished training."""
         return [f for f in self.folds if not self.experiment.is_trained(cell.trainer, f)]
@@ -198,8 +211,10 @@ def result_rows(study: Study, cells: Sequence[Cell]) -> list[ResultRow]:
             continue
         with open(study.summary_path(cell)) as f:
             summary = json.load(f)["summary"]
+        used = study.unlabeled_used(cell)
         rows += [ResultRow(cell.trainer, cell.model, cell.labels, cell.unlabeled, tuple(study.folds), region,
-                           _metric(m["Dice"]["mean"]), _metric(m["HD95"]["mean"])) for region, m in summary.items()]
+                           _metric(m["Dice"]["mean"]), _metric(m["HD95"]["mean"]), used)
+                 for region, m in summary.items()]
     return rows
 
 

@@ -56,7 +56,8 @@ def test_csv_columns_and_values(rows, tmp_path):
     assert len(lines) == 9
     et = next(r for r in lines if r["trainer"] == "EncDecTrainer_6labels" and r["region"] == "enhancing tumor")
     assert et == {"trainer": "EncDecTrainer_6labels", "model": "EncDec", "labels": "6", "unlabeled": "",
-                  "folds": "0 1", "region": "enhancing tumor", "dice": "0.8412", "hd95_mm": "11.47"}
+                  "folds": "0 1", "region": "enhancing tumor", "dice": "0.8412", "hd95_mm": "11.47",
+                  "unlabeled_used": ""}
 
 
 def test_markdown_table_columns_rows_and_formatting(rows):
@@ -78,6 +79,13 @@ def test_markdown_table_marks_nan_and_missing_regions():
     assert lines[0] == "| model | labels | unlabeled | Dice a | Dice b | HD95 a (mm) | HD95 b (mm) |"
     assert lines[2] == "| T | 3 | 5 | n/a | n/a | 1.50 | n/a |"
     assert lines[3] == "| U | 3 | – | n/a | 0.2500 | n/a | n/a |"
+
+
+def test_markdown_table_gives_the_unlabeled_count_of_all_available():
+    rows = [ResultRow("ss_3labels", "ss", 3, None, (0, 1), "a", 0.5, 1.0, (26, 26)),
+            ResultRow("ss_6labels", "ss", 6, None, (0, 1), "a", 0.5, 1.0, (24, 23)),
+            ResultRow("ss_6labels_8unlabeled", "ss", 6, 8, (0, 1), "a", 0.5, 1.0, (8, 8))]
+    assert [line.split(" | ")[2] for line in markdown_table(rows).splitlines()[2:]] == ["all (26)", "all (23–24)", "8"]
 
 
 def test_fig2_is_a_valid_png_and_fig4_needs_several_unlabeled_counts(rows, tmp_path):

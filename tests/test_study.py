@@ -68,6 +68,9 @@ def fake_nnunet(tmp_path, monkeypatch):
             fold = fake.results / RESULT_FOLDER.format(trainer=trainer) / f"fold_{cmd[3]}" / "validation"
             fold.mkdir(parents=True)
             (fold / "summary.json").write_text("{}")
+            if trainer.startswith("ss"):  # what ss* trainers record: 10 unlabeled images in fold 0, 11 in fold 1
+                ids = [f"U{i}" for i in range(10 + int(cmd[3]))]
+                (fold.parent / "unlabeled_cases.json").write_text(json.dumps({"unlabeled": ids}))
         else:
             shutil.copytree(raw / "labelsTs", cmd[cmd.index("-o") + 1], dirs_exist_ok=True)
 
@@ -232,6 +235,15 @@ def test_crashed_cell_is_reported_others_continue_and_rerun_skips(fake_nnunet, c
     assert study(*grid) == 0
     assert fake_nnunet.calls == []
     assert "EncDecTrainer_2labels: already evaluated, skipping prediction" in capsys.readouterr().out
+
+
+def test_report_says_how_many_unlabeled_images_each_fold_used(fake_nnunet, ss_base):
+    assert study("--trainers", "EncDec", ss_base, "--labels", "3", "--folds", "0", "1") == 0
+    table = (fake_nnunet.output / "results.md").read_text()
+    assert "| EncDec | 3 | – |" in table and "| ssFake | 3 | all (10–11) |" in table
+    with open(fake_nnunet.output / "results.csv", newline="") as f:
+        used = {r["trainer"]: r["unlabeled_used"] for r in csv.DictReader(f)}
+    assert used == {"EncDecTrainer_3labels": "", "ssFakeTrainer_3labels": "10 11"}
 
 
 def test_submitit_missing_names_the_install_command(fake_nnunet, monkeypatch):

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 
 ORDER_FILE = "labeled_order.json"
+# what a fold's output folder records about the cases it trained with (labeled; unlabeled for ss* trainers)
+LABELED_IDS_FILE = "labeled_cases.json"
+UNLABELED_IDS_FILE = "unlabeled_cases.json"
 DEFAULT_SEED = 12345
 
 

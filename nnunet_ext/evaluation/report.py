@@ -17,14 +17,18 @@ from dataclasses import dataclass
 
 # dataset.json region name -> the paper's abbreviation, in the paper's column order
 BRATS_REGIONS = {"enhancing tumor": "ET", "tumor core": "TC", "whole tumor": "WT"}
-CSV_COLUMNS = ("trainer", "model", "labels", "unlabeled", "folds", "region", "dice", "hd95_mm")
+CSV_COLUMNS = ("trainer", "model", "labels", "unlabeled", "folds", "region", "dice", "hd95_mm", "unlabeled_used")
 FILES = {"csv": "results.csv", "table": "results.md", "fig2": "fig2_dice_vs_labels.png",
          "fig4": "fig4_dice_vs_unlabeled.png"}
 
 
 @dataclass(frozen=True)
 class ResultRow:
-    """Test-set means of one region for one trained cell (``unlabeled`` None: no ``_unlabeled`` suffix)."""
+    """Test-set means of one region for one trained cell (``unlabeled`` None: no ``_unlabeled`` suffix).
+
+    ``unlabeled_used``: how many unlabeled images each fold of a semi-supervised cell trained with
+    (from its ``unlabeled_cases.json``), in fold order; empty for supervised cells.
+    """
 
     trainer: str
     model: str
@@ -34,6 +38,7 @@ class ResultRow:
     region: str
     dice: float
     hd95: float
+    unlabeled_used: tuple[int, ...] = ()
 
 
 def region_order(rows: Sequence[ResultRow]) -> list[str]:
@@ -48,13 +53,15 @@ def region_label(region: str) -> str:
 
 
 def write_csv(rows: Sequence[ResultRow], path: str) -> str:
-    """Write one CSV line per row with :data:`CSV_COLUMNS` (folds space-separated, None as empty)."""
+    """Write one CSV line per row with :data:`CSV_COLUMNS` (folds and per-fold counts space-separated,
+    None as empty)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for r in rows:
             writer.writerow([r.trainer, r.model, r.labels, "" if r.unlabeled is None else r.unlabeled,
-                             " ".join(map(str, r.folds)), r.region, r.dice, r.hd95])
+                             " ".join(map(str, r.folds)), r.region, r.dice, r.hd95,
+                             " ".join(map(str, r.unlabeled_used))])
     return path
 
 
@@ -71,6 +78,16 @@ def _number(value: float | None, digits: int) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _unlabeled_cell(unlabeled: int | None, used: tuple[int, ...]) -> str:
+    """The table's unlabeled entry: the asked count, ``all (N)`` (``all (N–M)`` across folds), or ``–``."""
+    if unlabeled is not None:
+        return str(unlabeled)
+    if not used:
+        return "–"
+    low, high = min(used), max(used)
+    return f"all ({low})" if low == high else f"all ({low}–{high})"
+
+
 def markdown_table(rows: Sequence[ResultRow]) -> str:
     """Table 1 of the paper: one line per cell, Dice then HD95 (mm) per region."""
     regions = region_order(rows)
@@ -81,8 +98,8 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
         found = [by_region.get(g) for g in regions]
         values = ([_number(r.dice if r else None, 4) for r in found]
                   + [_number(r.hd95 if r else None, 2) for r in found])
-        lines.append(f"| {model} | {labels} | {'–' if unlabeled is None else unlabeled} | "
-                     + " | ".join(values) + " |")
+        used = next(iter(by_region.values())).unlabeled_used
+        lines.append(f"| {model} | {labels} | {_unlabeled_cell(unlabeled, used)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 

@@ -8,10 +8,14 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.data.budgets import DEFAULT_SEED, load_order_file, order_file_path, split_budget
+from nnunet_ext.data.budgets import (
+    DEFAULT_SEED,
+    LABELED_IDS_FILE,
+    load_order_file,
+    order_file_path,
+    split_budget,
+)
 from nnunet_ext.trainers.names import TrainerSpec
-
-LABELED_IDS_FILE = "labeled_cases.json"
 
 
 class ExtTrainer(nnUNetTrainer):

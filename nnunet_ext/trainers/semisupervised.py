@@ -13,6 +13,7 @@ from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
+from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 from nnunet_ext.data.preprocess_unlabeled import unlabeled_folder
 from nnunet_ext.data.unlabeled import (
     PooledDataset,
@@ -22,8 +23,6 @@ from nnunet_ext.data.unlabeled import (
     raw_test_ids,
 )
 from nnunet_ext.trainers.multitask import BranchBatch
-
-UNLABELED_IDS_FILE = "unlabeled_cases.json"
 
 
 def _route_pooled_dataset(data, *args, **kwargs):
