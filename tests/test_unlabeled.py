@@ -60,6 +60,9 @@ def test_bad_inputs_name_the_file(tmp_path):
     write(tmp_path / "small.nii.gz", ok[:5])
     with pytest.raises(ValueError, match="small.nii.gz: shape"):
         load_checked([str(folder / "A_0000.nii.gz"), str(tmp_path / "small.nii.gz")], reader)
+    write(tmp_path / "coarse.nii.gz", ok, spacing=(1.0, 1.0, 3.0))
+    with pytest.raises(ValueError, match="coarse.nii.gz: spacing \\(3.0, 1.0, 1.0\\) differs"):
+        load_checked([str(folder / "A_0000.nii.gz"), str(tmp_path / "coarse.nii.gz")], reader)
     bad = ok.copy()
     bad[1, 2, 3] = np.nan
     write(tmp_path / "nan.mha", bad)

@@ -69,8 +69,12 @@ def _nifti_is_finite(path: str) -> bool:
 
 def load_checked(image_files: list[str], reader) -> tuple[np.ndarray, dict]:
     """Read one case's channels (C, *spatial); raise ValueError naming a file that is unreadable,
-    mis-shaped or not finite."""
-    arrays, properties = [], None
+    mis-shaped, of another spacing or not finite.
+
+    nnU-Net's reader checks shape and spacing across the channels it reads together, but fails with a
+    bare RuntimeError; reading channel by channel lets every error name its file.
+    """
+    arrays, spacings, properties = [], [], None
     for f in image_files:
         try:
             data, props = reader.read_images([f])
@@ -78,10 +82,15 @@ def load_checked(image_files: list[str], reader) -> tuple[np.ndarray, dict]:
             raise ValueError(f"{f}: cannot be read as an image ({type(e).__name__}: {e}).") from e
         if not (np.isfinite(data).all() and _nifti_is_finite(f)):
             raise ValueError(f"{f}: contains NaN or infinite voxels; fix or remove this image.")
+        spacing = tuple(float(s) for s in props["spacing"])
         if arrays and data.shape[1:] != arrays[0].shape[1:]:
             raise ValueError(f"{f}: shape {data.shape[1:]} differs from {image_files[0]} "
                              f"{arrays[0].shape[1:]}; all channels of a case must have the same shape.")
+        if spacings and spacing != spacings[0]:
+            raise ValueError(f"{f}: spacing {spacing} differs from {image_files[0]} {spacings[0]}; all channels "
+                             f"of a case must have the same spacing.")
         arrays.append(data)
+        spacings.append(spacing)
         properties = properties or props
     return np.vstack(arrays), properties
 
