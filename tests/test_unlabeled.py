@@ -78,6 +78,22 @@ def test_bad_inputs_name_the_file(tmp_path):
     assert data.shape == (2, 6, 7, 8) and "spacing" in props
 
 
+def test_unlabeled_crops_are_random_even_with_an_ignore_label():
+    """With an ignore label nnU-Net crops around annotated voxels, which an unlabeled case has none of."""
+    loader = object.__new__(SemiSupervisedDataLoader)
+    loader.__dict__.update(patch_size=[4, 4, 4], need_to_pad=np.array([0, 0, 0]), has_ignore=True,
+                           annotated_classes_key=(-1, 0, 1))
+    np.random.seed(0)
+    for _ in range(20):
+        lbs, ubs = loader.get_bbox(np.array([10, 6, 4]), False, None)
+        assert all(0 <= lo and hi <= s and hi - lo == 4 for lo, hi, s in zip(lbs, ubs, (10, 6, 4)))
+    assert loader.has_ignore  # restored
+    with pytest.raises(RuntimeError, match="foreground oversampling"):
+        loader.get_bbox(np.array([10, 6, 4]), True, None)
+    with pytest.raises(KeyError):  # what an unlabeled case's empty class_locations gave before
+        loader.get_bbox(np.array([10, 6, 4]), False, {})
+
+
 @pytest.mark.slow
 def test_preprocessing_matches_nnunet_is_idempotent_and_loses_nothing(branch_dataset, tmp_path, monkeypatch):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
@@ -131,6 +147,8 @@ def test_loader_mixes_labeled_and_unlabeled(branch_dataset):
     labeled = nnUNetDatasetBlosc2(labeled_folder, train[:3])
     parts = [nnUNetDatasetBlosc2(labeled_folder, train[3:5]), nnUNetDatasetBlosc2(folder, ["DEMO_012"])]
     pooled = PooledDataset(labeled, parts, unlabeled_fraction=0.5)
+    assert pooled.load_case("DEMO_012")[3]["class_locations"] is None
+    assert pooled.load_case(train[0])[3]["class_locations"]  # labeled cases keep nnU-Net's
     loader = SemiSupervisedDataLoader(pooled, 4, (48, 48, 48), (48, 48, 48), lm, oversample_foreground_percent=1.0)
     assert [loader.get_do_oversample(j) for j in range(4)] == [True, True, False, False]
     for _ in range(3):

@@ -113,10 +113,11 @@ class PooledDataset:
         self.unlabeled_fraction = unlabeled_fraction
 
     def load_case(self, identifier: str):
-        """Load from whichever folder holds the case; unlabeled cases get no foreground locations."""
+        """Load from whichever folder holds the case; unlabeled cases get ``class_locations`` None (no
+        labels to sample from: :class:`SemiSupervisedDataLoader` crops them at random)."""
         data, seg, seg_prev, properties = self._owner[identifier].load_case(identifier)
         if identifier not in self._labeled_set:
-            properties = dict(properties, class_locations={})
+            properties = dict(properties, class_locations=None)
         return data, seg, seg_prev, properties
 
 
@@ -149,6 +150,19 @@ class SemiSupervisedDataLoader(nnUNetDataLoader):
         if sample_idx >= self.n_labeled:
             return False
         return not sample_idx < round(self.n_labeled * (1 - self.oversample_foreground_percent))
+
+    def get_bbox(self, data_shape, force_fg: bool, class_locations, overwrite_class=None, verbose: bool = False):
+        """nnU-Net's crop; an unlabeled case (``class_locations`` None) is cropped at random even when the
+        dataset has an ignore label (nnU-Net would then look for annotated voxels in the labels)."""
+        if class_locations is not None:
+            return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
+        if force_fg:
+            raise RuntimeError("foreground oversampling was requested for an unlabeled case")
+        has_ignore, self.has_ignore = self.has_ignore, False
+        try:
+            return super().get_bbox(data_shape, False, None, overwrite_class, verbose)
+        finally:
+            self.has_ignore = has_ignore
 
     def generate_train_batch(self) -> dict:
         """nnU-Net's batch plus ``labeled`` (bool, B); unlabeled targets are all zero."""
