@@ -29,6 +29,7 @@ from nnunet_ext.evaluation.metrics import (
     EMPTY_POLICIES,
     EMPTY_POLICY_DESCRIPTIONS,
     HD95_CONVENTION,
+    check_policy,
     dice,
     hd95,
 )
@@ -214,8 +215,7 @@ def evaluate_folder(
     ``output_json`` defaults to ``pred_folder/summary_{policy}.json``; the CSV goes to the same path with
     ``.csv``. The returned dict is the JSON content, except that NaN stays NaN (the file has null).
     """
-    if policy not in EMPTY_POLICIES:
-        raise ValueError(f"empty-mask policy must be one of {EMPTY_POLICIES}, got {policy!r}")
+    check_policy(policy)
     gt_folder, pred_folder = Path(gt_folder), Path(pred_folder)
     dataset = _load_dataset_json(dataset_json)
     file_ending = dataset["file_ending"]

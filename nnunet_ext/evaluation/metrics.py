@@ -45,7 +45,7 @@ HD95_CONVENTION = (
 )
 
 
-def _check_policy(empty_policy: str) -> None:
+def check_policy(empty_policy: str) -> None:
     """Raise ValueError for an unknown empty-mask policy."""
     if empty_policy not in EMPTY_POLICIES:
         raise ValueError(f"empty_policy must be one of {EMPTY_POLICIES}, got {empty_policy!r}")
@@ -65,7 +65,7 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
 
 def dice(pred: np.ndarray, ref: np.ndarray, empty_policy: str = "brats") -> float:
     """Return the Dice coefficient of two boolean masks of the same shape."""
-    _check_policy(empty_policy)
+    check_policy(empty_policy)
     _check_pair(pred, ref)
     pred, ref = pred.astype(bool), ref.astype(bool)
     total = int(pred.sum()) + int(ref.sum())
@@ -90,17 +90,19 @@ def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def surface_distances(
-    source: np.ndarray, target: np.ndarray, spacing: Sequence[float], connectivity: int = 1
-) -> np.ndarray:
-    """Return the distance (mm) from each surface voxel of ``source`` to the nearest one of ``target``.
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], connectivity: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the distances (mm) from each surface voxel of ``pred`` to the nearest one of ``ref``, and back.
 
-    Both masks must be non-empty. The result is 1-D, one entry per surface voxel of ``source``.
+    Both masks must be non-empty. Each result is 1-D, one entry per surface voxel of the source mask.
+    The masks are cropped and their surfaces computed once for both directions.
     """
-    source, target = _crop_to_union(source.astype(bool), target.astype(bool))
-    to_target = ndimage.distance_transform_edt(
-        ~surface(target, connectivity), sampling=np.asarray(spacing, dtype=float)
-    )
-    return to_target[surface(source, connectivity)]
+    pred, ref = _crop_to_union(pred.astype(bool), ref.astype(bool))
+    sampling = np.asarray(spacing, dtype=float)
+    pred_surface, ref_surface = surface(pred, connectivity), surface(ref, connectivity)
+    to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=sampling)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)
+    return to_ref[pred_surface], to_pred[ref_surface]
 
 
 def hd95(
@@ -111,7 +113,7 @@ def hd95(
     connectivity: int = 1,
 ) -> float:
     """Return the 95th-percentile Hausdorff distance (mm) of two boolean masks (see module docstring)."""
-    _check_policy(empty_policy)
+    check_policy(empty_policy)
     _check_pair(pred, ref)
     if len(spacing) != pred.ndim:
         raise ValueError(f"spacing {tuple(spacing)} needs one entry per mask axis ({pred.ndim})")
@@ -120,6 +122,5 @@ def hd95(
         if empty_policy == "nan":
             return float("nan")
         return 0.0 if pred_empty and ref_empty else image_diagonal_mm(pred.shape, spacing)
-    forward = surface_distances(pred, ref, spacing, connectivity)
-    backward = surface_distances(ref, pred, spacing, connectivity)
+    forward, backward = surface_distances(pred, ref, spacing, connectivity)
     return float(max(np.percentile(forward, 95), np.percentile(backward, 95)))
