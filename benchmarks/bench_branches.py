@@ -47,6 +47,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from nnunet_ext.branches.cpc import default_chunk_size
+from nnunet_ext.planners.groupnorm import GROUP_NORM
 from nnunet_ext.trainers.boundary import BoundSegTrainer
 from nnunet_ext.trainers.cpc import CPCSegTrainer
 from nnunet_ext.trainers.encdec import EncDecTrainer
@@ -60,7 +62,6 @@ TRAINERS: dict[str, type[nnUNetTrainer]] = {cls.__name__: cls for cls in (
     nnUNetTrainer, EncDecTrainer, VAESegTrainer, BoundSegTrainer, CPCSegTrainer)}
 INPUT_CHANNELS = 4  # BraTS / MSD Task01 and the demo dataset: FLAIR, T1w, T1gd, T2w
 REGIONS = 3  # whole tumour, tumour core, enhancing tumour
-GROUP_NORM = "nnunet_ext.branches.blocks.GroupNorm"
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,9 @@ def training_setup(trainer: type[nnUNetTrainer], arch: Architecture, device: tor
     branch_batch = None
     if issubclass(trainer, MultiTaskTrainer):
         kwargs = dict(trainer.branch_kwargs)
-        if cpc_chunk is not None and issubclass(trainer, CPCSegTrainer):
-            kwargs["chunk_size"] = cpc_chunk
+        if issubclass(trainer, CPCSegTrainer):  # as CPCSegTrainer.branch_arguments, unless --cpc-chunk says
+            kwargs["chunk_size"] = cpc_chunk if cpc_chunk is not None else \
+                default_chunk_size(device, arch.patch_size, arch.batch_size)
         branch = trainer.branch_class.from_encoder(network.encoder, arch.patch_size, INPUT_CHANNELS, REGIONS,
                                                    **kwargs)
         network, loss = MultiTaskNetwork(network, branch), MultiTaskLoss(loss)

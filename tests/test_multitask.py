@@ -159,9 +159,11 @@ def test_mixed_precision_and_compile_keep_working(branch_cls):
 
 
 def test_planned_chunk_size_keeps_cpc_within_the_planned_activations():
-    from nnunet_ext.branches.cpc import planned_chunk_size
+    from nnunet_ext.branches.cpc import default_chunk_size, planned_chunk_size
 
     assert planned_chunk_size((128, 128, 128), 2) == 128  # 686 sub-patches in 6 chunks of <= 2 patches' voxels
+    assert default_chunk_size(torch.device("cuda"), (128, 128, 128), 2) == 128  # the trainer's and benchmark's
+    assert default_chunk_size(torch.device("cpu"), (128, 128, 128), 2) is None
     assert planned_chunk_size((48, 48, 48), 2) == 6
     assert planned_chunk_size((48, 48), 64) == 144
     for patch, batch in (((128, 128, 128), 2), ((160, 192, 128), 2), ((64, 64, 64), 4)):

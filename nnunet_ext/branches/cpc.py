@@ -40,6 +40,12 @@ def planned_chunk_size(patch_size: Sequence[int], batch_size: int, size: int = 3
     return max(1, batch_size * math.prod(patch_size) // size ** len(patch_size))
 
 
+def default_chunk_size(device: torch.device, patch_size: Sequence[int], batch_size: int) -> int | None:
+    """CPCSegTrainer's chunking: on CUDA :func:`planned_chunk_size`; elsewhere None (one call, no recomputation,
+    since host memory is not what nnU-Net planned for)."""
+    return planned_chunk_size(patch_size, batch_size) if device.type == "cuda" else None
+
+
 def extract_subpatches(x: torch.Tensor, size: int = 32, stride: int = 16) -> torch.Tensor:
     """All sub-patches of ``x`` (B, C, *spatial) as (B * G, C, size, ...), grid positions in row-major order."""
     ndim = x.ndim - 2

@@ -1,6 +1,6 @@
 """CPCSeg: the planned network plus the contrastive predictive coding branch (paper Table S3, eq. 3)."""
 
-from nnunet_ext.branches.cpc import CPCBranch, planned_chunk_size
+from nnunet_ext.branches.cpc import CPCBranch, default_chunk_size
 from nnunet_ext.trainers.multitask import MultiTaskTrainer
 from nnunet_ext.trainers.names import TrainerSpec
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
@@ -25,8 +25,8 @@ class CPCSegTrainer(MultiTaskTrainer):
     def branch_arguments(self) -> dict:
         """On CUDA, encode sub-patches in checkpointed chunks sized to the memory nnU-Net planned."""
         kwargs = super().branch_arguments()
-        if self.device.type == "cuda" and "chunk_size" not in kwargs:
-            kwargs["chunk_size"] = planned_chunk_size(self.configuration_manager.patch_size, self.batch_size)
+        kwargs.setdefault("chunk_size",
+                          default_chunk_size(self.device, self.configuration_manager.patch_size, self.batch_size))
         return kwargs
 
 
