@@ -273,23 +273,35 @@ def load_submitit() -> types.ModuleType:
     return submitit
 
 
-def submit_cells(study: Study, cells: Sequence[Cell], slurm: dict[str, int | str]) -> int:
+def submit_cells(study: Study, cells: Sequence[Cell], slurm: dict[str, int | str], resubmit: bool = False) -> int:
     """Submit every pending training fold as a SLURM job through submitit; return 0.
 
-    Jobs inherit the job's environment (sbatch exports the submitting shell's by default), so SLURM's
-    own variables such as ``CUDA_VISIBLE_DEVICES`` stay intact.
+    A fold that ``study_status.json`` records as submitted is not submitted again (its job may still be
+    queued or running) unless ``resubmit``. Jobs inherit the job's environment (sbatch exports the
+    submitting shell's by default), so SLURM's own variables such as ``CUDA_VISIBLE_DEVICES`` stay intact.
     """
     submitit = load_submitit()
     executor = submitit.AutoExecutor(folder=os.path.join(study.output, "submitit"), cluster="slurm")
     executor.update_parameters(**{"gpus_per_node": study.num_gpus or 1, **slurm})
     status_path = os.path.join(study.output, STATUS_FILE)
+    status = {}
+    if os.path.isfile(status_path):
+        with open(status_path) as f:
+            status = json.load(f)
     for index, cell in enumerate(cells, 1):
-        jobs = {}
+        previous = status.get(cell.trainer, {})
+        jobs = dict(previous.get("jobs", {})) if previous.get("state") == "submitted" else {}
+        submitted = False
         for fold in study.pending_folds(cell):
+            if str(fold) in jobs and not resubmit:
+                log(f"{cell.trainer} fold {fold}: job {jobs[str(fold)]} was submitted before, not submitting "
+                    f"again (--resubmit if it failed or was cancelled)", f"study {index}/{len(cells)}")
+                continue
             function = submitit.helpers.CommandFunction(study.train_command(cell, fold))
-            jobs[fold] = executor.submit(function).job_id
-            log(f"{cell.trainer} fold {fold}: submitted job {jobs[fold]}", f"study {index}/{len(cells)}")
-        if jobs:
+            jobs[str(fold)] = executor.submit(function).job_id
+            submitted = True
+            log(f"{cell.trainer} fold {fold}: submitted job {jobs[str(fold)]}", f"study {index}/{len(cells)}")
+        if submitted:
             update_status(status_path, cell, study.folds, {"state": "submitted", "jobs": jobs})
     log("when the jobs are done, rerun with --dispatch local to predict, evaluate and report", "study")
     return 0
@@ -331,6 +343,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local: run sequentially (default); print: print the commands; submitit: SLURM jobs")
     parser.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE",
                         help="submitit executor parameters, e.g. timeout_min=2880 slurm_partition=gpu")
+    parser.add_argument("--resubmit", action="store_true",
+                        help="with --dispatch submitit: submit unfinished folds again even if study_status.json "
+                             "records a job for them (e.g. after a failed or cancelled job)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="cpu-smoke: the demo dataset, all implemented trainers, labels 3 6, fold 0, "
                              "2 epochs x 5 iterations on CPU (under 15 minutes on 2 cores)")
@@ -442,5 +457,5 @@ def run(args: argparse.Namespace) -> int:
     log(f"{len(cells)} cells x folds {' '.join(map(str, study.folds))} on {study.experiment.dataset_name} "
         f"({study.experiment.plans}, {study.experiment.configuration}); output {study.output}", "study")
     if args.dispatch == "submitit":
-        return submit_cells(study, cells, slurm)
+        return submit_cells(study, cells, slurm, args.resubmit)
     return run_local(study, cells)

@@ -283,6 +283,18 @@ def test_submitit_submits_each_pending_training_fold(fake_nnunet, monkeypatch):
     status = json.loads((fake_nnunet.output / "study_status.json").read_text())
     assert status["EncDecTrainer_6labels"]["state"] == "submitted"
     assert status["EncDecTrainer_6labels"]["jobs"] == {"0": "3", "1": "4"}
+
+    # a rerun while the jobs may still be queued submits nothing again; --resubmit does
+    submitted.clear()
+    assert study("--trainers", "EncDec", "--labels", "3", "6", "--folds", "0", "1", "--dispatch", "submitit") == 0
+    assert submitted == []
+    assert json.loads((fake_nnunet.output / "study_status.json").read_text()) == status
+    assert study("--trainers", "EncDec", "--labels", "6", "--folds", "0", "1", "--dispatch", "submitit",
+                 "--resubmit") == 0
+    assert [f.command[3] for f in submitted] == ["0", "1"] and all("--c" in f.command for f in submitted)
+    status = json.loads((fake_nnunet.output / "study_status.json").read_text())
+    assert status["EncDecTrainer_6labels"]["jobs"] == {"0": "1", "1": "2"}
+    assert status["EncDecTrainer_3labels"]["jobs"] == {"0": "1", "1": "2"}  # untouched
     assert fake_nnunet.calls == []
 
 
