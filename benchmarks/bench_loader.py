@@ -42,7 +42,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_ext.data.preprocess_unlabeled import unlabeled_folder
+from nnunet_ext.data.preprocess_unlabeled import complete_cases, unlabeled_folder
 from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
 
@@ -71,11 +71,6 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def complete_cases(dataset_class: type[nnUNetBaseDataset], folder: str) -> list[str]:
-    """Case ids in a preprocessed folder whose properties file exists (written last, so the case is complete)."""
-    return sorted(i for i in dataset_class.get_identifiers(folder) if os.path.isfile(os.path.join(folder, i + ".pkl")))
-
-
 def loader_inputs(dataset: str, plans: str, configuration: str) -> LoaderInputs:
     """Read plans and preprocessed data; build nnU-Net's training transforms like ``get_dataloaders`` does."""
     if not nnUNet_preprocessed.is_set():
@@ -101,10 +96,10 @@ def loader_inputs(dataset: str, plans: str, configuration: str) -> LoaderInputs:
              f"-c {configuration}")
     label_manager = plans_manager.get_label_manager(load_json(os.path.join(base, "dataset.json")))
     dataset_class = infer_dataset_class(folder)
-    ids = complete_cases(dataset_class, folder)
+    ids = sorted(complete_cases(dataset_class, folder))
     extra = unlabeled_folder(base, cm.data_identifier)
     # same file format as the labeled folder (preprocess-unlabeled writes it so), as SemiSupervisedMixin assumes
-    extra_ids = complete_cases(dataset_class, extra) if os.path.isdir(extra) else []
+    extra_ids = sorted(complete_cases(dataset_class, extra)) if os.path.isdir(extra) else []
     if extra_ids:
         labeled = dataset_class(folder, ids)
         unlabeled = dataset_class(extra, extra_ids)

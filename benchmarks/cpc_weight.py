@@ -26,8 +26,6 @@ def encoder_grad_norm(loss: torch.Tensor, encoder: torch.nn.Module) -> float:
 
 def main() -> None:
     """Load batches through nnU-Net's own loader and transforms, then compare gradient norms."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.run.run_training import get_trainer_from_args
 
     from nnunet_ext.branches import BoundaryBranch, CPCBranch, VAEBranch
@@ -74,11 +72,10 @@ def main() -> None:
         print(f"| {name} | {value:.4f} | {norm:.4g} | {ratio:.3f} |")
     print(f"\nCPC weight giving the encoder gradient of the segmentation loss: {cpc_weight_seg:.3g}")
     print(f"CPC weight giving the encoder gradient of the 0.1-weighted VAE: {cpc_weight:.3g}")
-    plans = load_json(os.path.join(nnUNet_preprocessed, trainer.plans_manager.dataset_name, args.p + ".json"))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"dataset": trainer.plans_manager.dataset_name, "plans": args.p, "patch_size": list(patch),
-                   "norm_op": plans["configurations"][args.c]["architecture"]["arch_kwargs"]["norm_op"],
+                   "norm_op": trainer.configuration_manager.network_arch_init_kwargs["norm_op"],
                    "batches": args.batches, "grad_norm_median": med,
                    "loss_mean": {k: float(np.mean(v)) for k, v in values.items()},
                    "cpc_weight_matching_segmentation": cpc_weight_seg,

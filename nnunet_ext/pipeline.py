@@ -78,17 +78,24 @@ class Experiment:
                 "-c", self.configuration, "-p", self.plans, "-tr", trainer, "-f", *map(str, folds),
                 "-device", self.device, "-npp", "1", "-nps", "1", "--continue_prediction"]
 
+    def train_log(self, trainer: str, fold: int) -> str:
+        """Where the training output of one fold is logged."""
+        return os.path.join(self.log_folder, f"train_{trainer}_fold{fold}.log")
+
+    def predict_log(self, trainer: str) -> str:
+        """Where the prediction output of a trainer is logged."""
+        return os.path.join(self.log_folder, f"predict_{trainer}.log")
+
     def train(self, trainer: str, folds: list[int]) -> None:
         """Train the given folds, skipping finished ones."""
         for fold in folds:
             if self.is_trained(trainer, fold):
                 log(f"{trainer} fold {fold}: already trained, skipping")
                 continue
-            run_command(self.train_command(trainer, fold), self.env,
-                        os.path.join(self.log_folder, f"train_{trainer}_fold{fold}.log"))
+            run_command(self.train_command(trainer, fold), self.env, self.train_log(trainer, fold))
 
     def predict(self, trainer: str, folds: list[int], images: str, output: str) -> str:
         """Predict ``images`` with the fold ensemble into ``output``."""
-        run_command(self.predict_command(trainer, folds, images, output), self.env,
-                    os.path.join(self.log_folder, f"predict_{trainer}.log"), echo=False)
+        run_command(self.predict_command(trainer, folds, images, output), self.env, self.predict_log(trainer),
+                    echo=False)
         return output

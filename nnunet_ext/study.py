@@ -116,14 +116,6 @@ class Study:
         """The evaluation summary whose existence marks a finished cell."""
         return os.path.join(self.prediction_folder(cell), f"summary_{EMPTY_POLICY}.json")
 
-    def train_log(self, cell: Cell, fold: int) -> str:
-        """The training log of one fold (the file ``Experiment.train`` would use)."""
-        return os.path.join(self.experiment.log_folder, f"train_{cell.trainer}_fold{fold}.log")
-
-    def predict_log(self, cell: Cell) -> str:
-        """The prediction log of a cell (the file ``Experiment.predict`` would use)."""
-        return os.path.join(self.experiment.log_folder, f"predict_{cell.trainer}.log")
-
     def unlabeled_used(self, cell: Cell) -> tuple[int, ...]:
         """Per fold, how many unlabeled images the cell trained with (its ``unlabeled_cases.json``);
         empty for supervised cells, or when a fold's file is missing (e.g. trained elsewhere)."""
@@ -166,13 +158,13 @@ def run_cell(study: Study, cell: Cell, progress: str) -> dict:
             if study.experiment.is_trained(cell.trainer, fold):
                 log(f"{cell.trainer} fold {fold}: already trained, skipping", progress)
                 continue
-            log_path = study.train_log(cell, fold)
+            log_path = study.experiment.train_log(cell.trainer, fold)
             log(f"{cell.trainer} fold {fold}: training (log: {log_path})", progress)
             pipeline.run_command(study.train_command(cell, fold), study.experiment.env, log_path)
         if os.path.isfile(study.summary_path(cell)):
             log(f"{cell.trainer}: already evaluated, skipping prediction", progress)
             return {"state": "done", "summary": study.summary_path(cell)}
-        log_path = study.predict_log(cell)
+        log_path = study.experiment.predict_log(cell.trainer)
         log(f"{cell.trainer}: predicting imagesTs with folds {' '.join(map(str, study.folds))}", progress)
         pipeline.run_command(study.predict_command(cell), study.experiment.env, log_path, echo=False)
         log_path = None

@@ -28,6 +28,11 @@ def unlabeled_folder(preprocessed_dataset_folder: str, data_identifier: str) -> 
     return os.path.join(preprocessed_dataset_folder, f"{data_identifier}_unlabeled")
 
 
+def complete_cases(dataset_class, folder: str) -> list[str]:
+    """Case ids in a preprocessed folder whose properties file exists (written last, so the case is complete)."""
+    return [i for i in dataset_class.get_identifiers(folder) if os.path.isfile(os.path.join(folder, i + ".pkl"))]
+
+
 def raw_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, list[str]]:
     """Group ``CASE_XXXX<ending>`` files by case; fail naming a case whose channel files are incomplete."""
     pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")

@@ -14,7 +14,7 @@ from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
-from nnunet_ext.data.preprocess_unlabeled import unlabeled_folder
+from nnunet_ext.data.preprocess_unlabeled import complete_cases, unlabeled_folder
 from nnunet_ext.data.unlabeled import (
     PooledDataset,
     SemiSupervisedDataLoader,
@@ -47,10 +47,7 @@ class SemiSupervisedMixin:
                             f"learn from unlabeled images.")
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         folder = unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
-        folder_ids = []
-        if os.path.isdir(folder):  # complete cases only (the properties file is written last)
-            folder_ids = [i for i in self.dataset_class.get_identifiers(folder)
-                          if os.path.isfile(os.path.join(folder, i + ".pkl"))]
+        folder_ids = complete_cases(self.dataset_class, folder) if os.path.isdir(folder) else []
         raw = os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
         pool = build_pool(self.beyond_budget, folder_ids, dataset_tr.identifiers, dataset_val.identifiers,
                           raw_test_ids(raw, self.dataset_json["file_ending"]), load_manifest(folder),
