@@ -17,6 +17,25 @@ def run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.C
     return proc
 
 
+def predict(ds: dict, trainer: str, folds: list[int], out: str, *extra: str) -> None:
+    """nnUNetv2_predict of the dataset's imagesTs with the fold ensemble of ``trainer`` (CPU)."""
+    run(["nnUNetv2_predict", "-i", os.path.join(ds["raw"], "imagesTs"), "-o", out, "-d", str(ds["id"]),
+         "-c", "3d_fullres", "-p", ds["plans"], "-tr", trainer, "-f", *map(str, folds), "-device", "cpu",
+         "-npp", "1", "-nps", "1", *extra], ds["env"])
+
+
+def check_predictions(ds: dict, folder: str) -> None:
+    """Every test case is predicted with the reference's size and spacing and labels 0-3 only."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    for case in sorted(os.listdir(os.path.join(ds["raw"], "labelsTs"))):
+        ref = sitk.ReadImage(os.path.join(ds["raw"], "labelsTs", case))
+        pred = sitk.ReadImage(os.path.join(folder, case))
+        assert pred.GetSize() == ref.GetSize() and pred.GetSpacing() == ref.GetSpacing()
+        assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
+
+
 def nnunet_env(root) -> dict[str, str]:
     """Environment with nnU-Net folders under ``root`` and CPU-friendly process counts."""
     env = dict(os.environ)

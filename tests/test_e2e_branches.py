@@ -10,11 +10,9 @@ import re
 import subprocess
 import time
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from conftest import run
+from conftest import check_predictions, predict, run
 
 pytestmark = pytest.mark.slow
 SHORT = "1epochs_4iters_noMirroring"
@@ -27,21 +25,6 @@ def train(ds, trainer: str, fold: int = 0, *extra: str) -> subprocess.CompletedP
 
 def fold_dir(ds, trainer: str, fold: int = 0) -> str:
     return os.path.join(ds["results"], f"{trainer}__{ds['plans']}__3d_fullres", f"fold_{fold}")
-
-
-def predict(ds, trainer: str, folds: list[int], out: str, *extra: str) -> None:
-    run(["nnUNetv2_predict", "-i", os.path.join(ds["raw"], "imagesTs"), "-o", out, "-d", str(ds["id"]),
-         "-c", "3d_fullres", "-p", ds["plans"], "-tr", trainer, "-f", *map(str, folds), "-device", "cpu",
-         "-npp", "1", "-nps", "1", *extra], ds["env"])
-
-
-def check_predictions(ds, folder: str) -> None:
-    cases = sorted(os.listdir(os.path.join(ds["raw"], "labelsTs")))
-    for case in cases:
-        ref = sitk.ReadImage(os.path.join(ds["raw"], "labelsTs", case))
-        pred = sitk.ReadImage(os.path.join(folder, case))
-        assert pred.GetSize() == ref.GetSize()
-        assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
 
 
 def branch_losses(folder: str) -> list[float]:

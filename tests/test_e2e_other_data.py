@@ -11,10 +11,8 @@ import json
 import os
 import subprocess
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
-from conftest import nnunet_env, run
+from conftest import check_predictions, nnunet_env, predict, run
 
 pytestmark = pytest.mark.slow
 DATASET_ID = 993
@@ -41,8 +39,7 @@ def ct_dataset(tmp_path_factory):
     env["nnUNet_n_proc_DA"] = "0"
     with open(os.path.join(env["nnUNet_preprocessed"], f"Dataset{DATASET_ID}_BraTSDemo", f"{PLANS}.json")) as f:
         plan = json.load(f)["configurations"]["3d_fullres"]
-    return {"env": env, "raw": raw, "plan": plan, "results": os.path.join(env["nnUNet_results"],
-                                                                           f"Dataset{DATASET_ID}_BraTSDemo")}
+    return {"env": env, "id": DATASET_ID, "plans": PLANS, "raw": raw, "plan": plan}
 
 
 def train(ds, trainer: str) -> subprocess.CompletedProcess:
@@ -64,14 +61,8 @@ def test_branch_trainers_train_predict_and_evaluate(ct_dataset, base, tmp_path):
     proc = train(ds, trainer)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pred = tmp_path / "pred"
-    run(["nnUNetv2_predict", "-i", os.path.join(ds["raw"], "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
-         "-c", "3d_fullres", "-p", PLANS, "-tr", trainer, "-f", "0", "-chk", "checkpoint_final.pth",
-         "-device", "cpu", "-npp", "1", "-nps", "1"], ds["env"])
-    for case in sorted(os.listdir(os.path.join(ds["raw"], "labelsTs"))):
-        ref = sitk.ReadImage(os.path.join(ds["raw"], "labelsTs", case))
-        out = sitk.ReadImage(str(pred / case))
-        assert out.GetSize() == ref.GetSize() and out.GetSpacing() == ref.GetSpacing()
-        assert set(np.unique(sitk.GetArrayFromImage(out))) <= {0, 1, 2, 3}
+    predict(ds, trainer, [0], str(pred))
+    check_predictions(ds, str(pred))
     run(["nnunet-ext", "evaluate", os.path.join(ds["raw"], "labelsTs"), str(pred), "-djfile",
          os.path.join(ds["raw"], "dataset.json"), "-o", str(tmp_path / "summary.json")], ds["env"])
     with open(tmp_path / "summary.json") as f:
