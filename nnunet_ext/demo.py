@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, DEFAULT_NAME, make_demo_dataset
+from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, DEFAULT_NAME, DEFAULT_SHAPE, make_demo_dataset
 from nnunet_ext.pipeline import Experiment, log, run_command, trainer_name
 from nnunet_ext.trainers.names import parse_trainer_name
 
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=20)
     parser.add_argument("--num-test", type=int, default=6)
     parser.add_argument("--num-unlabeled", type=int, default=16)
-    parser.add_argument("--shape", type=int, nargs=3, default=[52, 52, 52], metavar=("Z", "Y", "X"),
+    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("Z", "Y", "X"),
                         help="image size of the synthetic cases (patch >= 48 per axis is needed for CPC)")
     parser.add_argument("--seed", type=int, default=0)
 

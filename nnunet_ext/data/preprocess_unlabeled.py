@@ -122,7 +122,8 @@ def preprocess_case(case: str, image_files: list[str], output_folder: str, plans
 
 
 def _save(data: np.ndarray, seg: np.ndarray, properties: dict, truncated: str, configuration_manager) -> None:
-    """Save like nnU-Net's preprocessor does (blosc2, chunks fitted to the patch size)."""
+    """Save like nnU-Net's preprocessor does (blosc2, chunks fitted to the patch size): the end of
+    ``DefaultPreprocessor.run_case_save``, whose start (reading the files) ``load_checked`` replaces."""
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
 
     data = data.astype(np.float32, copy=False)

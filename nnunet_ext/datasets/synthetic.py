@@ -26,6 +26,7 @@ TISSUE_CONTRAST = np.array([[0.9, -0.2, -0.1, 0.7],
                             [0.4, -0.3, 1.1, 0.3]])
 DEFAULT_DATASET_ID = 990
 DEFAULT_NAME = "BraTSDemo"
+DEFAULT_SHAPE = (52, 52, 52)  # (z, y, x); the CPU planners plan a 48^3 patch for it, enough for CPC
 
 
 def _irregular_blob(rng: np.random.RandomState, shape: Sequence[int], center: np.ndarray, radius: float,
@@ -79,7 +80,7 @@ def _write(array: np.ndarray, path: str, spacing: Sequence[float]) -> None:
 
 def make_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, raw_folder: str | None = None,
                       num_train: int = 20, num_test: int = 8, num_unlabeled: int = 16,
-                      shape: Sequence[int] = (52, 52, 52), spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                      shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                       seed: int = 0, overwrite: bool = False, verbose: bool = True) -> str:
     """Write the demo dataset into ``raw_folder`` (default ``$nnUNet_raw``); return its folder."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
@@ -127,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=20)
     parser.add_argument("--num-test", type=int, default=8)
     parser.add_argument("--num-unlabeled", type=int, default=16)
-    parser.add_argument("--shape", type=int, nargs=3, default=[52, 52, 52], metavar=("Z", "Y", "X"))
+    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("Z", "Y", "X"))
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("Z", "Y", "X"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
