@@ -42,7 +42,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_ext.data.preprocess_unlabeled import complete_cases, unlabeled_folder
+from nnunet_ext.data.pool import complete_cases, unlabeled_folder
 from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
 

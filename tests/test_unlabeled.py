@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ext.data.preprocess_unlabeled import load_checked, preprocess_unlabeled, raw_cases, unlabeled_folder
-from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader, build_pool, split_batch
+from nnunet_ext.data.pool import build_pool, unlabeled_folder
+from nnunet_ext.data.preprocess_unlabeled import load_checked, preprocess_unlabeled, raw_cases
+from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader, split_batch
 
 
 def write(path, array, spacing=(1.0, 1.0, 1.0)):

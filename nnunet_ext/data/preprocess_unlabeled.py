@@ -19,18 +19,7 @@ import shutil
 
 import numpy as np
 
-UNLABELED_RAW = "imagesUnlabeled"
-MANIFEST = "unlabeled_manifest.json"
-
-
-def unlabeled_folder(preprocessed_dataset_folder: str, data_identifier: str) -> str:
-    """Where the preprocessed unlabeled images of one configuration live."""
-    return os.path.join(preprocessed_dataset_folder, f"{data_identifier}_unlabeled")
-
-
-def complete_cases(dataset_class, folder: str) -> list[str]:
-    """Case ids in a preprocessed folder whose properties file exists (written last, so the case is complete)."""
-    return [i for i in dataset_class.get_identifiers(folder) if os.path.isfile(os.path.join(folder, i + ".pkl"))]
+from nnunet_ext.data.pool import MANIFEST, UNLABELED_RAW, unlabeled_folder
 
 
 def raw_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, list[str]]:

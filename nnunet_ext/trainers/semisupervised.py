@@ -14,14 +14,8 @@ from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
-from nnunet_ext.data.preprocess_unlabeled import complete_cases, unlabeled_folder
-from nnunet_ext.data.unlabeled import (
-    PooledDataset,
-    SemiSupervisedDataLoader,
-    build_pool,
-    load_manifest,
-    raw_test_ids,
-)
+from nnunet_ext.data.pool import build_pool, complete_cases, load_manifest, raw_test_ids, unlabeled_folder
+from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader
 from nnunet_ext.trainers.multitask import BranchBatch
 
 
