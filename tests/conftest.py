@@ -68,7 +68,7 @@ BRANCH_DATASET_ID = 992
 
 @pytest.fixture(scope="session")
 def branch_dataset(tmp_path_factory):
-    """A 10-case 52^3 demo dataset on GroupNorm CPU plans (patch 48^3, CPC-capable) with preprocessed
+    """A 10-case 52x52x72 demo dataset on GroupNorm CPU plans (patch 48x48x64, CPC-capable) with preprocessed
     imagesUnlabeled that also holds leaking copies: a fold-0 validation case under another name and a
     test case under its own id."""
     import json
@@ -80,7 +80,7 @@ def branch_dataset(tmp_path_factory):
     env = nnunet_env(root)
     name = f"Dataset{BRANCH_DATASET_ID}_BraTSDemo"
     run(["nnunet-ext", "make-demo-dataset", "-d", str(BRANCH_DATASET_ID), "--num-train", "10", "--num-test", "2",
-         "--num-unlabeled", "4", "--shape", "52", "52", "52"], env)
+         "--num-unlabeled", "4", "--shape", "52", "52", "72"], env)
     run(["nnunet-ext", "plan", "-d", str(BRANCH_DATASET_ID), "-pl", "nnUNetPlannerCPUGN", "-np", "1",
          "--preprocess"], env)
     raw = os.path.join(env["nnUNet_raw"], name)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ext.data.pool import build_pool, unlabeled_folder
+from nnunet_ext.data.pool import unlabeled_folder
 from nnunet_ext.data.preprocess_unlabeled import load_checked, preprocess_unlabeled, raw_cases
 from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader, split_batch
 
@@ -20,21 +20,6 @@ def write(path, array, spacing=(1.0, 1.0, 1.0)):
     img = sitk.GetImageFromArray(array.astype(np.float32))
     img.SetSpacing(spacing)
     sitk.WriteImage(img, str(path))
-
-
-def test_pool_excludes_validation_test_and_copies():
-    pool = build_pool(beyond_budget=["a", "b", "v1"], folder_ids=["u1", "u2", "t1", "copy_v", "copy_t", "a", "l1"],
-                      labeled=["l1", "l2"], validation=["v1", "v2"], test={"t1", "t2"},
-                      duplicates={"copy_v": "imagesTr/v2", "copy_t": "imagesTs/t2", "u2": "imagesTr/zz"})
-    assert sorted(pool.ids) == ["a", "b", "u1", "u2"]
-    assert set(pool.excluded) == {"v1", "t1", "copy_v", "copy_t", "l1", "imagesUnlabeled/a"}
-    assert "validation" in pool.excluded["copy_v"] and "test" in pool.excluded["copy_t"]
-    assert pool.source["a"].startswith("fold training") and pool.source["u1"] == "imagesUnlabeled"
-    assert pool.select(2) == pool.ids[:2] and pool.select(None) == pool.ids
-    with pytest.raises(ValueError, match="5 unlabeled images requested but the pool has only 4"):
-        pool.select(5)
-    again = build_pool(["a", "b"], ["u1", "u2"], [], [], set())
-    assert again.ids == build_pool(["b", "a"], ["u2", "u1"], [], [], set()).ids  # deterministic
 
 
 def test_split_batch():

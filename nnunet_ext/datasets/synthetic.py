@@ -26,17 +26,21 @@ TISSUE_CONTRAST = np.array([[0.9, -0.2, -0.1, 0.7],
                             [0.4, -0.3, 1.1, 0.3]])
 DEFAULT_DATASET_ID = 990
 DEFAULT_NAME = "BraTSDemo"
-DEFAULT_SHAPE = (52, 52, 52)  # (z, y, x); the CPU planners plan a 48^3 patch for it, enough for CPC
+# (z, y, x); the CPU planners plan a 48 x 48 x 64 patch for it: 64 voxels along x give CPC its 3-position
+# prediction axis (context and targets apart), 48 on the others hold its 32-voxel sub-patches
+DEFAULT_SHAPE = (52, 52, 72)
 
 
-def _irregular_blob(rng: np.random.RandomState, shape: Sequence[int], center: np.ndarray, radius: float,
-                    roughness: float = 0.35) -> np.ndarray:
-    """A star-shaped blob: a sphere whose radius is modulated by smooth noise."""
+def _irregular_blob(rng: np.random.RandomState, shape: Sequence[int], center: np.ndarray,
+                    radius: float | Sequence[float], roughness: float = 0.35) -> np.ndarray:
+    """A star-shaped blob: a sphere (an ellipsoid for one radius per axis) whose radius is modulated by smooth
+    noise."""
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), 0).astype(np.float32)
-    dist = np.sqrt(((grid - center.reshape(-1, 1, 1, 1)) ** 2).sum(0))
+    radii = np.broadcast_to(np.asarray(radius, dtype=np.float32), (len(shape),)).reshape(-1, 1, 1, 1)
+    dist = np.sqrt((((grid - center.reshape(-1, 1, 1, 1)) / radii) ** 2).sum(0))
     noise = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=3)
     noise /= np.abs(noise).max() + 1e-8
-    return dist < radius * (1 + roughness * noise)
+    return dist < 1 + roughness * noise
 
 
 def make_case(rng: np.random.RandomState, shape: Sequence[int], with_enhancing: bool = True
@@ -44,7 +48,7 @@ def make_case(rng: np.random.RandomState, shape: Sequence[int], with_enhancing: 
     """One case: image (4, *shape) float32 and label map (*shape) uint8 with nested tumour labels."""
     shape = tuple(int(s) for s in shape)
     center = np.array(shape, dtype=np.float32) / 2 + rng.uniform(-1.5, 1.5, 3)
-    brain = _irregular_blob(rng, shape, center, 0.45 * min(shape), roughness=0.06)
+    brain = _irregular_blob(rng, shape, center, 0.45 * np.array(shape), roughness=0.06)  # fills each axis
     ventricles = _irregular_blob(rng, shape, center + rng.uniform(-2, 2, 3), 0.1 * min(shape), 0.3)
 
     tumour_center = center + rng.uniform(-0.18, 0.18, 3) * np.array(shape)
