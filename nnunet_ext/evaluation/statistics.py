@@ -1,0 +1,133 @@
+"""Paired comparison of a method with a baseline on the same test cases and repeats.
+
+Shapes: per-case metric values are float arrays of shape (R, C): R repeats (training runs with seed
+K = 0..R−1, each with its own labeled subset) × C test cases, in the same order for both methods, so that
+entry (k, c) of the method and of the baseline share the case, the repeat index and the labeled subset.
+Differences are method − baseline, shape (R, C).
+
+NaN: a pair where either value is NaN (nnU-Net's empty-mask convention gives NaN when a case's reference
+and prediction are both empty, and HD95 NaN when one of them is) is left out of every statistic; the
+number of pairs used is reported.
+
+Mean difference: the mean over the non-NaN pairs, every (repeat, case) pair weighted equally.
+
+Bootstrap (crossed, percentile): each of ``n_resamples`` resamples draws C case indices and, independently,
+R repeat indices with replacement and takes the mean over the non-NaN pairs of the resampled R × C grid
+(repeat k* × case c*; a pair drawn twice counts twice). The interval is the (α/2, 1 − α/2) percentiles
+(``numpy.percentile``, linear interpolation) of the resample means, α = 1 − confidence. Resampling both
+axes lets the interval cover the spread between test cases and between training runs. The generator is
+``numpy.random.default_rng(seed)``; case indices are drawn first, as one (n_resamples, C) array, so that
+with R = 1 the interval is exactly the ordinary case bootstrap with the same seed. A resample that holds
+no non-NaN pair has no mean and is left out.
+
+Wilcoxon: two-sided signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped, exact
+distribution for small samples) of the per-case differences averaged over the repeats. The pairs of one
+case in different repeats are not independent (same image, same difficulty), so the test takes one value
+per case. No non-zero difference gives p = 1 (no evidence of a difference), no case gives NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import stats
+
+N_RESAMPLES = 10000
+CONFIDENCE = 0.95
+SEED = 0
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Mean difference (method − baseline), its bootstrap interval, pair and case counts, Wilcoxon p."""
+
+    mean: float
+    low: float
+    high: float
+    n_pairs: int
+    n_cases: int
+    p_value: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies entirely above or below 0 (False for a NaN interval)."""
+        return self.low > 0 or self.high < 0
+
+
+def paired_differences(method: ArrayLike, baseline: ArrayLike) -> np.ndarray:
+    """Return method − baseline for two (R, C) arrays of per-case values."""
+    method, baseline = np.asarray(method, dtype=float), np.asarray(baseline, dtype=float)
+    if method.ndim != 2 or method.shape != baseline.shape:
+        raise ValueError(f"method and baseline need the same (repeats, cases) shape, got {method.shape} "
+                         f"and {baseline.shape}")
+    return method - baseline
+
+
+def case_means(differences: ArrayLike) -> np.ndarray:
+    """Return the mean over repeats of each case's non-NaN differences, shape (C,); NaN where none."""
+    differences = np.asarray(differences, dtype=float)
+    valid = ~np.isnan(differences)
+    count = valid.sum(axis=0)
+    total = np.where(valid, differences, 0.0).sum(axis=0)
+    return np.divide(total, count, out=np.full(count.shape, math.nan), where=count > 0)
+
+
+def bootstrap_ci(differences: ArrayLike, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+                 seed: int = SEED) -> tuple[float, float]:
+    """Return the crossed percentile bootstrap interval of the mean of (R, C) differences (NaN if none)."""
+    differences = np.asarray(differences, dtype=float)
+    repeats, cases = differences.shape
+    valid = ~np.isnan(differences)
+    if not valid.any():
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    case_counts = _draw_counts(rng, n_resamples, cases)
+    repeat_counts = _draw_counts(rng, n_resamples, repeats)
+    # a resample's sum over its grid is Σ_k Σ_c n_k m_c d_kc, with n, m how often repeat k, case c were drawn
+    total = ((repeat_counts @ np.where(valid, differences, 0.0)) * case_counts).sum(axis=1)
+    count = ((repeat_counts @ valid.astype(float)) * case_counts).sum(axis=1)
+    means = total[count > 0] / count[count > 0]
+    alpha = 1.0 - confidence
+    low, high = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def _draw_counts(rng: np.random.Generator, n_resamples: int, size: int) -> np.ndarray:
+    """Draw ``size`` indices with replacement per resample; return how often each was drawn, (n_resamples, size)."""
+    indices = rng.integers(0, size, size=(n_resamples, size))
+    flat = (indices + size * np.arange(n_resamples)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_resamples * size).reshape(n_resamples, size).astype(float)
+
+
+def wilcoxon_p(differences: ArrayLike) -> float:
+    """Return the two-sided Wilcoxon signed-rank p of the per-case mean differences of (R, C) differences."""
+    per_case = case_means(differences)
+    per_case = per_case[~np.isnan(per_case)]
+    if per_case.size == 0:
+        return math.nan
+    if not per_case.any():
+        return 1.0
+    return float(stats.wilcoxon(per_case).pvalue)
+
+
+def compare(method: ArrayLike, baseline: ArrayLike, n_resamples: int = N_RESAMPLES,
+            confidence: float = CONFIDENCE, seed: int = SEED) -> PairedComparison:
+    """Compare two (R, C) arrays of per-case values pair by pair (see the module docstring)."""
+    differences = paired_differences(method, baseline)
+    valid = ~np.isnan(differences)
+    mean = float(differences[valid].mean()) if valid.any() else math.nan
+    low, high = bootstrap_ci(differences, n_resamples, confidence, seed)
+    return PairedComparison(mean, low, high, int(valid.sum()), int(valid.any(axis=0).sum()),
+                            wilcoxon_p(differences))
+
+
+def mean_and_std(values: ArrayLike) -> tuple[float, float, int]:
+    """Return mean, sample std (ddof=1; NaN for fewer than 2) and count of the non-NaN values."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    mean = float(values.mean()) if values.size else math.nan
+    std = float(values.std(ddof=1)) if values.size > 1 else math.nan
+    return mean, std, int(values.size)
