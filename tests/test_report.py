@@ -1,39 +1,49 @@
-"""Study report from hand-made result rows: CSV, Table-1 markdown, Fig-2 and Fig-4 PNGs."""
+"""Study report from hand-made per-case results: CSV, results.md (Table 1, paired differences), PNG plots."""
 
 from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 
 import matplotlib.image
 import pytest
 
 from nnunet_ext.evaluation.report import (
     CSV_COLUMNS,
-    ResultRow,
+    CaseResult,
+    markdown_report,
     markdown_table,
+    paired_tables,
     region_order,
+    result_rows,
     write_report,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # dataset.json order (whole tumor first), as evaluate_folder reports regions
 REGIONS = ("whole tumor", "tumor core", "enhancing tumor")
+PAPER_ORDER = ("enhancing tumor", "tumor core", "whole tumor")
+# per-case offsets with mean 0: the test-set mean of a region is the value given for it
+OFFSETS = {"c0": -0.03, "c1": -0.01, "c2": 0.01, "c3": 0.03}
 
 
-def _rows(model: str, labels: int, unlabeled: int | None, dice: tuple[float, float, float],
-          hd95: tuple[float, float, float]) -> list[ResultRow]:
-    """Rows of one cell; ``dice``/``hd95`` in ET, TC, WT order like the paper."""
+def _cases(model: str, labels: int, unlabeled: int | None, dice: tuple[float, float, float],
+           hd95: tuple[float, float, float], repeat: int = 0, policy: str = "brats",
+           used: tuple[int, ...] = ()) -> list[CaseResult]:
+    """Per-case results of one repeat of a cell; ``dice``/``hd95`` are the ET, TC, WT test means."""
     trainer = f"{model}Trainer_{labels}labels" + (f"_{unlabeled}unlabeled" if unlabeled else "")
-    by_region = dict(zip(("enhancing tumor", "tumor core", "whole tumor"), zip(dice, hd95)))
-    return [ResultRow(trainer, model, labels, unlabeled, (0, 1), g, *by_region[g]) for g in REGIONS]
+    by_region = dict(zip(PAPER_ORDER, zip(dice, hd95)))
+    return [CaseResult(trainer, model, labels, unlabeled, (0, 1), repeat, case, g, policy,
+                       by_region[g][0] + offset, by_region[g][1] + 10 * offset, used)
+            for case, offset in OFFSETS.items() for g in REGIONS]
 
 
 @pytest.fixture
-def rows() -> list[ResultRow]:
-    return [*_rows("EncDec", 3, None, (0.5, 0.6, 0.7), (20.0, 21.0, 22.0)),
-            *_rows("EncDec", 6, None, (0.8412, 0.8383, 0.9144), (11.47, 20.12, 24.37)),
-            *_rows("ssCPCSeg", 6, None, (0.8873, 0.8761, 0.9151), (8.71, 16.09, 12.4))]
+def cases() -> list[CaseResult]:
+    return [*_cases("EncDec", 3, None, (0.5, 0.6, 0.7), (20.0, 21.0, 22.0)),
+            *_cases("EncDec", 6, None, (0.8412, 0.8383, 0.9144), (11.47, 20.12, 24.37)),
+            *_cases("ssCPCSeg", 6, None, (0.8873, 0.8761, 0.9151), (8.71, 16.09, 12.4))]
 
 
 def _is_png(path) -> bool:
@@ -41,78 +51,198 @@ def _is_png(path) -> bool:
         return f.read(8) == PNG_SIGNATURE
 
 
-def test_region_order_is_paper_order_for_brats_else_first_appearance(rows):
-    assert region_order(rows) == ["enhancing tumor", "tumor core", "whole tumor"]
-    other = [ResultRow("T", "M", 3, None, (0,), g, 1.0, 0.0) for g in ("liver", "tumor")]
+def _rows_of(table: str) -> list[str]:
+    """The body lines of every markdown table in ``table``."""
+    return [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+
+
+def test_region_order_is_paper_order_for_brats_else_first_appearance(cases):
+    assert region_order(cases) == list(PAPER_ORDER)
+    other = [CaseResult("T", "M", 3, None, (0,), 0, "c", g, "brats", 1.0, 0.0) for g in ("liver", "tumor")]
     assert region_order(other) == ["liver", "tumor"]
 
 
-def test_csv_columns_and_values(rows, tmp_path):
-    paths = write_report(rows, str(tmp_path))
+def test_csv_has_one_row_per_cell_repeat_policy_region_with_the_case_mean(cases, tmp_path):
+    cases += _cases("EncDec", 6, None, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), repeat=1)
+    cases += _cases("EncDec", 6, None, (0.4, 0.4, 0.4), (1.0, 1.0, 1.0), policy="nan")
+    paths = write_report(cases, str(tmp_path))
     with open(paths["csv"], newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         lines = list(reader)
-    assert len(lines) == 9
-    et = next(r for r in lines if r["trainer"] == "EncDecTrainer_6labels" and r["region"] == "enhancing tumor")
-    assert et == {"trainer": "EncDecTrainer_6labels", "model": "EncDec", "labels": "6", "unlabeled": "",
-                  "folds": "0 1", "region": "enhancing tumor", "dice": "0.8412", "hd95_mm": "11.47",
-                  "unlabeled_used": ""}
+    assert len(lines) == 5 * 3
+    et = [r for r in lines if r["trainer"] == "EncDecTrainer_6labels" and r["region"] == "enhancing tumor"]
+    assert [(r["repeat"], r["policy"]) for r in et] == [("0", "brats"), ("0", "nan"), ("1", "brats")]
+    assert float(et[0].pop("dice")) == pytest.approx(0.8412) and float(et[0].pop("hd95_mm")) == pytest.approx(11.47)
+    assert et[0] == {"trainer": "EncDecTrainer_6labels", "model": "EncDec", "labels": "6", "unlabeled": "",
+                     "folds": "0 1", "repeat": "0", "region": "enhancing tumor", "policy": "brats",
+                     "unlabeled_used": ""}
 
 
-def test_markdown_table_columns_rows_and_formatting(rows):
-    lines = markdown_table(rows).splitlines()
+def test_case_means_leave_nan_out():
+    cases = [CaseResult("T", "M", 3, None, (0,), 0, c, "a", "nan", d, h)
+             for c, d, h in (("c0", 0.2, math.nan), ("c1", math.nan, math.nan), ("c2", 0.6, 4.0))]
+    (row,) = result_rows(cases)
+    assert row.dice == pytest.approx(0.4) and row.hd95 == 4.0
+
+
+def test_table1_columns_rows_and_formatting_with_one_repeat(cases):
+    lines = markdown_table(cases).splitlines()
     assert lines[0] == ("| model | labels | unlabeled | Dice ET | Dice TC | Dice WT | "
-                        "HD95 ET (mm) | HD95 TC (mm) | HD95 WT (mm) |")
-    assert lines[1] == "|" + "---|" * 9
+                        "HD95 ET (mm) | HD95 TC (mm) | HD95 WT (mm) | repeats |")
+    assert lines[1] == "|" + "---|" * 10
     assert lines[2:] == [
-        "| EncDec | 3 | – | 0.5000 | 0.6000 | 0.7000 | 20.00 | 21.00 | 22.00 |",
-        "| EncDec | 6 | – | 0.8412 | 0.8383 | 0.9144 | 11.47 | 20.12 | 24.37 |",
-        "| ssCPCSeg | 6 | – | 0.8873 | 0.8761 | 0.9151 | 8.71 | 16.09 | 12.40 |",
+        "| EncDec | 3 | – | 0.5000 | 0.6000 | 0.7000 | 20.00 | 21.00 | 22.00 | 1 |",
+        "| EncDec | 6 | – | 0.8412 | 0.8383 | 0.9144 | 11.47 | 20.12 | 24.37 | 1 |",
+        "| ssCPCSeg | 6 | – | 0.8873 | 0.8761 | 0.9151 | 8.71 | 16.09 | 12.40 | 1 |",
     ]
 
 
-def test_markdown_table_marks_nan_and_missing_regions():
-    rows = [ResultRow("T_3labels", "T", 3, 5, (0,), "a", math.nan, 1.5),
-            ResultRow("U_3labels", "U", 3, None, (0,), "b", 0.25, math.nan)]
-    lines = markdown_table(rows).splitlines()
-    assert lines[0] == "| model | labels | unlabeled | Dice a | Dice b | HD95 a (mm) | HD95 b (mm) |"
-    assert lines[2] == "| T | 3 | 5 | n/a | n/a | 1.50 | n/a |"
-    assert lines[3] == "| U | 3 | – | n/a | 0.2500 | n/a | n/a |"
+def test_table1_shows_mean_and_sample_std_over_two_repeats():
+    cases = [*_cases("EncDec", 6, None, (0.5, 0.6, 0.7), (10.0, 20.0, 30.0), repeat=0),
+             *_cases("EncDec", 6, None, (0.7, 0.6, 0.9), (12.0, 20.0, 31.0), repeat=1)]
+    assert markdown_table(cases).splitlines()[2] == (
+        "| EncDec | 6 | – | 0.6000 ± 0.1414 | 0.6000 ± 0.0000 | 0.8000 ± 0.1414 | "
+        "11.00 ± 1.41 | 20.00 ± 0.00 | 30.50 ± 0.71 | 2 |")
 
 
-def test_markdown_table_gives_the_unlabeled_count_of_all_available():
-    rows = [ResultRow("ss_3labels", "ss", 3, None, (0, 1), "a", 0.5, 1.0, (26, 26)),
-            ResultRow("ss_6labels", "ss", 6, None, (0, 1), "a", 0.5, 1.0, (24, 23)),
-            ResultRow("ss_6labels_8unlabeled", "ss", 6, 8, (0, 1), "a", 0.5, 1.0, (8, 8))]
-    assert [line.split(" | ")[2] for line in markdown_table(rows).splitlines()[2:]] == ["all (26)", "all (23–24)", "8"]
+def test_table1_marks_nan_and_missing_regions():
+    cases = [CaseResult("T_3labels", "T", 3, 5, (0,), 0, "c", "a", "brats", math.nan, 1.5),
+             CaseResult("U_3labels", "U", 3, None, (0,), 0, "c", "b", "brats", 0.25, math.nan)]
+    lines = markdown_table(cases).splitlines()
+    assert lines[0] == "| model | labels | unlabeled | Dice a | Dice b | HD95 a (mm) | HD95 b (mm) | repeats |"
+    assert lines[2] == "| T | 3 | 5 | n/a | n/a | 1.50 | n/a | 1 |"
+    assert lines[3] == "| U | 3 | – | n/a | 0.2500 | n/a | n/a | 1 |"
 
 
-def test_fig2_is_a_valid_png_and_fig4_needs_several_unlabeled_counts(rows, tmp_path):
-    paths = write_report(rows, str(tmp_path))
-    assert set(paths) == {"csv", "table", "fig2"}
-    assert _is_png(paths["fig2"])
-    assert matplotlib.image.imread(paths["fig2"]).ndim == 3
+def test_table1_gives_the_unlabeled_count_of_all_available_over_folds_and_repeats():
+    def case(trainer, labels, unlabeled, repeat, used):
+        return CaseResult(trainer, "ss", labels, unlabeled, (0, 1), repeat, "c", "a", "brats", 0.5, 1.0, used)
+
+    cases = [case("ss_3labels", 3, None, 0, (26, 26)), case("ss_6labels", 6, None, 0, (24, 23)),
+             case("ss_6labels", 6, None, 1, (22, 23)), case("ss_6labels_8unlabeled", 6, 8, 0, (8, 8))]
+    assert [line.split(" | ")[2] for line in markdown_table(cases).splitlines()[2:]] == \
+        ["all (26)", "all (22–24)", "8"]
+
+
+def test_report_has_both_conventions_in_order():
+    cases = [*_cases("EncDec", 6, None, (0.5, 0.6, 0.7), (1.0, 2.0, 3.0), policy="nan"),
+             *_cases("EncDec", 6, None, (0.7, 0.6, 0.7), (1.0, 2.0, 3.0), policy="brats")]
+    report = markdown_report(cases)
+    assert report.index("## BraTS convention") < report.index("## nnU-Net convention")
+    brats, nnunet = report.split("## nnU-Net convention")
+    assert "| EncDec | 6 | – | 0.7000 |" in brats and "| EncDec | 6 | – | 0.5000 |" in nnunet
+    assert "both masks empty: Dice NaN" in nnunet
+
+
+def test_unknown_policy_and_duplicate_cases_are_errors(cases):
+    with pytest.raises(ValueError, match="empty_policy"):
+        result_rows([CaseResult("T", "M", 3, None, (0,), 0, "c", "a", "dice", 1.0, 0.0)])
+    with pytest.raises(ValueError, match="two results for case 'c0', region 'whole tumor'.* repeat 0 of EncDec"):
+        result_rows(cases + cases[:1])
+
+
+def _shifted(model: str, labels: int, repeats: int = 2, dice_shift: float = 0.1, hd95_shift: float = -2.0,
+             policy: str = "brats") -> list[CaseResult]:
+    """EncDec and ``model`` at one budget; ``model`` is EncDec shifted by a constant on every case and repeat."""
+    cases = []
+    for k in range(repeats):
+        base = (0.5 + 0.1 * k, 0.6, 0.7)
+        cases += _cases("EncDec", labels, None, base, (10.0, 20.0, 30.0), repeat=k, policy=policy)
+        cases += _cases(model, labels, None, tuple(d + dice_shift for d in base),
+                        (10.0 + hd95_shift, 20.0 + hd95_shift, 30.0 + hd95_shift), repeat=k, policy=policy)
+    return cases
+
+
+def test_paired_table_gives_constant_shifts_with_zero_width_marked_intervals():
+    table = paired_tables(_shifted("CPCSeg", 6))
+    assert table.startswith("#### 6 labels\n\n| model | unlabeled | region | repeats | ΔDice [95% CI] | Dice pairs | "
+                            "Dice p | ΔHD95 (mm) [95% CI] | HD95 pairs | HD95 p |")
+    # 2 repeats x 4 cases; 4 per-case means all positive: exact two-sided Wilcoxon p = 2 / 2^4
+    assert _rows_of(table) == [
+        f"| CPCSeg | – | {g} | 2 | +0.1000 [+0.1000, +0.1000] * | 8 | 0.1250 | -2.00 [-2.00, -2.00] * | 8 | 0.1250 |"
+        for g in ("ET", "TC", "WT")]
+    assert "seed 0" in table and "10000 resamples" in table and "test cases and the repeats" in table
+
+
+def test_paired_table_does_not_mark_an_interval_that_contains_zero():
+    cases = _shifted("CPCSeg", 6, repeats=1, dice_shift=0.0, hd95_shift=0.0)
+    cases = [c if c.model == "EncDec" or c.case not in ("c0", "c3") else
+             replace(c, dice=c.dice + (0.05 if c.case == "c0" else -0.05)) for c in cases]
+    dice = [line.split(" | ")[4] for line in _rows_of(paired_tables(cases))]
+    assert all(d.startswith("+0.0000 [-0.") and d.endswith("]") for d in dice), dice
+
+
+def test_paired_table_counts_pairs_without_nan():
+    cases = _shifted("CPCSeg", 6, repeats=1, policy="nan")
+    cases = [replace(c, dice=math.nan) if (c.model, c.case, c.region) ==
+             ("CPCSeg", "c1", "enhancing tumor") else c for c in cases]
+    et = _rows_of(paired_tables(cases, "nan"))[0].split(" | ")
+    assert et[2:7] == ["ET", "1", "+0.1000 [+0.1000, +0.1000] *", "3", "0.2500"]
+
+
+def test_paired_table_says_when_there_is_no_baseline():
+    cases = _shifted("CPCSeg", 6) + _cases("CPCSeg", 12, None, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), repeat=0)
+    cases += _cases("VAESeg", 6, None, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), repeat=5)
+    rows = _rows_of(paired_tables(cases))
+    assert "| VAESeg | – | – | – | no EncDec repeat matches repeats 5 (EncDec has 0 1) | – | – | – | – | – |" in rows
+    assert "| CPCSeg | – | – | – | no EncDec at 12 labels | – | – | – | – | – |" in rows
+    assert paired_tables(_cases("CPCSeg", 6, None, (0.5,) * 3, (1.0,) * 3)) == \
+        "No EncDec cells, so no paired differences (choose the baseline model with --baseline)."
+
+
+def test_baseline_model_is_a_parameter():
+    cases = _shifted("CPCSeg", 6)
+    rows = _rows_of(paired_tables(cases, baseline="CPCSeg"))
+    assert rows[0].startswith("| EncDec | – | ET | 2 | -0.1000 [-0.1000, -0.1000] * |")
+
+
+def test_report_is_reproducible_and_has_table1_and_marked_paired_table(tmp_path):
+    cases = _shifted("ssCPCSeg", 6)
+    first = write_report(cases, str(tmp_path / "a"))
+    second = write_report(cases, str(tmp_path / "b"))
+    text = (tmp_path / "a" / "results.md").read_text()
+    assert text == (tmp_path / "b" / "results.md").read_text()
+    assert text.startswith("# Study results\n\n## BraTS convention")
+    assert "| EncDec | 6 | – | 0.5500 ± 0.0707 |" in text and "### Paired differences to EncDec" in text
+    assert "| ssCPCSeg | – | ET | 2 | +0.1000 [+0.1000, +0.1000] * |" in text
+    assert set(first) == set(second) == {"csv", "table", "fig2", "paired"}
+
+
+def test_plots_are_valid_pngs_and_fig4_needs_several_unlabeled_counts(cases, tmp_path):
+    paths = write_report(cases, str(tmp_path))
+    assert set(paths) == {"csv", "table", "fig2", "paired"}
+    for kind in ("fig2", "paired"):
+        assert _is_png(paths[kind]) and matplotlib.image.imread(paths[kind]).ndim == 3
     assert not (tmp_path / "fig4_dice_vs_unlabeled.png").exists()
-    assert (tmp_path / "results.md").read_text().startswith("| model |")
 
 
-def test_fig4_written_for_several_unlabeled_counts_and_removed_when_stale(rows, tmp_path):
-    ss = [*_rows("ssCPCSeg", 6, 10, (0.6, 0.6, 0.6), (9.0, 9.0, 9.0)),
-          *_rows("ssCPCSeg", 6, 100, (0.7, 0.7, 0.7), (8.0, 8.0, 8.0))]
-    paths = write_report(rows + ss, str(tmp_path))
-    assert _is_png(paths["fig4"]) and _is_png(paths["fig2"])
-    assert matplotlib.image.imread(paths["fig4"]).shape[1] > 0
-    paths = write_report(rows, str(tmp_path))
-    assert "fig4" not in paths and not (tmp_path / "fig4_dice_vs_unlabeled.png").exists()
+def test_fig2_draws_a_band_over_repeats(tmp_path):
+    def fig2(spread: float, folder: str) -> bytes:
+        cases = [*_cases("EncDec", 3, None, (0.5 - spread,) * 3, (1.0,) * 3, repeat=0),
+                 *_cases("EncDec", 3, None, (0.5 + spread,) * 3, (1.0,) * 3, repeat=1),
+                 *_cases("EncDec", 6, None, (0.7,) * 3, (1.0,) * 3, repeat=0)]
+        return open(write_report(cases, str(tmp_path / folder))["fig2"], "rb").read()
+
+    assert fig2(0.1, "spread") != fig2(0.0, "flat")  # same mean line; only the ± std band differs
+
+
+def test_fig4_and_paired_plot_written_when_possible_and_removed_when_stale(cases, tmp_path):
+    ss = [*_cases("ssCPCSeg", 6, 10, (0.6, 0.6, 0.6), (9.0, 9.0, 9.0)),
+          *_cases("ssCPCSeg", 6, 100, (0.7, 0.7, 0.7), (8.0, 8.0, 8.0))]
+    paths = write_report(cases + ss, str(tmp_path))
+    assert _is_png(paths["fig4"]) and _is_png(paths["fig2"]) and _is_png(paths["paired"])
+    paths = write_report([c for c in cases if c.model == "EncDec"], str(tmp_path))
+    assert set(paths) == {"csv", "table", "fig2"}
+    assert not (tmp_path / "fig4_dice_vs_unlabeled.png").exists() and not (tmp_path / "fig_paired_dice.png").exists()
 
 
 def test_one_unlabeled_count_gives_no_fig4(tmp_path):
-    ss = _rows("ssCPCSeg", 6, 10, (0.6, 0.6, 0.6), (9.0, 9.0, 9.0)) + \
-        _rows("ssCPCSeg", 12, 10, (0.7, 0.7, 0.7), (8.0, 8.0, 8.0))
+    ss = _cases("ssCPCSeg", 6, 10, (0.6, 0.6, 0.6), (9.0, 9.0, 9.0)) + \
+        _cases("ssCPCSeg", 12, 10, (0.7, 0.7, 0.7), (8.0, 8.0, 8.0))
     assert "fig4" not in write_report(ss, str(tmp_path))
 
 
-def test_no_rows_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="no result rows"):
+def test_no_cases_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no case results"):
         write_report([], str(tmp_path))

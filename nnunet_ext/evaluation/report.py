@@ -1,10 +1,22 @@
-"""Study report: ``results.csv``, a Table-1-style markdown table and the Fig-2 / Fig-4 style plots.
+"""Study report: ``results.csv``, Table 1 and paired differences in ``results.md``, Fig. 2 / Fig. 4 / paired plots.
 
-Input is a list of :class:`ResultRow`, one per trained cell (trainer, label budget, unlabeled count,
-fold ensemble) and evaluated region, holding the test-set mean Dice and HD95 (mm). Regions keep the
-order in which they first appear (dataset.json order, as ``evaluate_folder`` reports them), except
-that the BraTS regions are shown as ET, TC, WT like in the paper. Plots are drawn with matplotlib's
-object API (``Figure`` + Agg canvas), so no display and no pyplot state are involved.
+Input is a list of :class:`CaseResult`: Dice and HD95 (mm) of one test case and region, predicted by the
+fold ensemble of one repeat of one trained cell, under one empty-mask policy (``brats`` or ``nan``, see
+``metrics``). A cell is (model, label budget, unlabeled count, folds); its repeats (seed K = 0..R−1, each
+with its own labeled subset) are told apart by ``repeat`` and may have different trainer names. From it:
+
+- ``results.csv``: one :class:`ResultRow` per cell × repeat × policy × region, the mean over the test cases.
+- ``results.md``: per policy, Table 1 (mean ± sample std over the repeats of those means, the std only with
+  more than one repeat) and, per label budget, the paired differences of every other model to the baseline
+  model at the same budget (see ``statistics``).
+- Fig. 2 (Dice vs labels), Fig. 4 (Dice vs unlabeled count), each a mean line with a ± std band over the
+  repeats, and the per-case paired plot (ΔDice per test case); all for the first policy present in
+  ``EMPTY_POLICIES`` order (BraTS before nnU-Net's).
+
+Means leave NaN values out (nnU-Net's policy). Regions keep the order in which they first appear (dataset.json
+order, as ``evaluate_folder`` reports them), except that the BraTS regions are shown as ET, TC, WT like in
+the paper. Plots are drawn with matplotlib's object API (``Figure`` + Agg canvas), so no display and no
+pyplot state are involved.
 """
 
 from __future__ import annotations
@@ -14,20 +26,39 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from nnunet_ext.evaluation.metrics import EMPTY_POLICIES, EMPTY_POLICY_DESCRIPTIONS, check_policy
+from nnunet_ext.evaluation.statistics import (
+    CONFIDENCE,
+    N_RESAMPLES,
+    SEED,
+    PairedComparison,
+    case_means,
+    compare,
+    mean_and_std,
+    paired_differences,
+)
 
 # dataset.json region name -> the paper's abbreviation, in the paper's column order
 BRATS_REGIONS = {"enhancing tumor": "ET", "tumor core": "TC", "whole tumor": "WT"}
-CSV_COLUMNS = ("trainer", "model", "labels", "unlabeled", "folds", "region", "dice", "hd95_mm", "unlabeled_used")
+POLICY_TITLES = {"brats": "BraTS convention", "nan": "nnU-Net convention"}
+CSV_COLUMNS = ("trainer", "model", "labels", "unlabeled", "folds", "repeat", "region", "policy", "dice", "hd95_mm",
+               "unlabeled_used")
 FILES = {"csv": "results.csv", "table": "results.md", "fig2": "fig2_dice_vs_labels.png",
-         "fig4": "fig4_dice_vs_unlabeled.png"}
+         "fig4": "fig4_dice_vs_unlabeled.png", "paired": "fig_paired_dice.png"}
+BASELINE = "EncDec"
 
 
 @dataclass(frozen=True)
-class ResultRow:
-    """Test-set means of one region for one trained cell (``unlabeled`` None: no ``_unlabeled`` suffix).
+class CaseResult:
+    """Dice and HD95 (mm) of one test case and region, for one repeat of a cell, under one empty-mask policy.
 
-    ``unlabeled_used``: how many unlabeled images each fold of a semi-supervised cell trained with
-    (from its ``unlabeled_cases.json``), in fold order; empty for supervised cells.
+    ``unlabeled`` None: no ``_unlabeled`` suffix. ``unlabeled_used``: how many unlabeled images each fold
+    of a semi-supervised repeat trained with (from its ``unlabeled_cases.json``), in fold order; empty for
+    supervised cells.
     """
 
     trainer: str
@@ -35,21 +66,103 @@ class ResultRow:
     labels: int
     unlabeled: int | None
     folds: tuple[int, ...]
+    repeat: int
+    case: str
     region: str
+    policy: str
     dice: float
     hd95: float
     unlabeled_used: tuple[int, ...] = ()
 
 
-def region_order(rows: Sequence[ResultRow]) -> list[str]:
+@dataclass(frozen=True)
+class ResultRow:
+    """Test-set means (NaN left out) of one region for one repeat of a cell under one policy: a CSV line."""
+
+    trainer: str
+    model: str
+    labels: int
+    unlabeled: int | None
+    folds: tuple[int, ...]
+    repeat: int
+    region: str
+    policy: str
+    dice: float
+    hd95: float
+    unlabeled_used: tuple[int, ...] = ()
+
+
+class CellKey(NamedTuple):
+    """A trained grid cell, whatever its repeats."""
+
+    model: str
+    labels: int
+    unlabeled: int | None
+    folds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A model's cell, its baseline cell at the same budget and folds, the repeats both have, or why none."""
+
+    method: CellKey
+    baseline: CellKey | None
+    repeats: tuple[int, ...]
+    missing: str = ""
+
+
+# (cell, repeat, policy, region) -> {case: result}
+Index = dict[tuple[CellKey, int, str, str], dict[str, CaseResult]]
+
+
+def cell_of(result: CaseResult | ResultRow) -> CellKey:
+    """Return the cell a result belongs to."""
+    return CellKey(result.model, result.labels, result.unlabeled, result.folds)
+
+
+def region_order(results: Sequence[CaseResult | ResultRow]) -> list[str]:
     """Return the regions in first-appearance order, or ET, TC, WT for the BraTS regions."""
-    regions = list(dict.fromkeys(r.region for r in rows))
+    regions = list(dict.fromkeys(r.region for r in results))
     return list(BRATS_REGIONS) if set(regions) == set(BRATS_REGIONS) else regions
 
 
 def region_label(region: str) -> str:
     """Return the short column label of a region (ET/TC/WT for BraTS, else the dataset.json name)."""
     return BRATS_REGIONS.get(region, region)
+
+
+def policy_order(results: Sequence[CaseResult | ResultRow]) -> list[str]:
+    """Return the empty-mask policies present, in ``EMPTY_POLICIES`` order."""
+    present = {r.policy for r in results}
+    return [p for p in EMPTY_POLICIES if p in present]
+
+
+def index_cases(cases: Sequence[CaseResult]) -> Index:
+    """Group the results by cell, repeat, policy and region, then case; refuse unknown policies and duplicates."""
+    index: Index = {}
+    for r in cases:
+        check_policy(r.policy)
+        by_case = index.setdefault((cell_of(r), r.repeat, r.policy, r.region), {})
+        if r.case in by_case:
+            raise ValueError(f"two results for case {r.case!r}, region {r.region!r}, policy {r.policy!r} in "
+                             f"repeat {r.repeat} of {r.trainer}")
+        by_case[r.case] = r
+    return index
+
+
+def result_rows(cases: Sequence[CaseResult]) -> list[ResultRow]:
+    """Average the test cases of every cell × repeat × policy × region into one row, in that order."""
+    index = index_cases(cases)
+    cells = {c: i for i, c in enumerate(dict.fromkeys(map(cell_of, cases)))}
+    regions = {g: i for i, g in enumerate(region_order(cases))}
+    keys = sorted(index, key=lambda k: (cells[k[0]], k[1], EMPTY_POLICIES.index(k[2]), regions[k[3]]))
+    rows = []
+    for cell, repeat, policy, region in keys:
+        results = list(index[cell, repeat, policy, region].values())
+        rows.append(ResultRow(results[0].trainer, *cell, repeat, region, policy,
+                              mean_and_std([r.dice for r in results])[0], mean_and_std([r.hd95 for r in results])[0],
+                              results[0].unlabeled_used))
+    return rows
 
 
 def write_csv(rows: Sequence[ResultRow], path: str) -> str:
@@ -60,17 +173,9 @@ def write_csv(rows: Sequence[ResultRow], path: str) -> str:
         writer.writerow(CSV_COLUMNS)
         for r in rows:
             writer.writerow([r.trainer, r.model, r.labels, "" if r.unlabeled is None else r.unlabeled,
-                             " ".join(map(str, r.folds)), r.region, r.dice, r.hd95,
+                             " ".join(map(str, r.folds)), r.repeat, r.region, r.policy, r.dice, r.hd95,
                              " ".join(map(str, r.unlabeled_used))])
     return path
-
-
-def _cells(rows: Sequence[ResultRow]) -> dict[tuple, dict[str, ResultRow]]:
-    """Group rows by cell (trainer, model, labels, unlabeled, folds) in first-appearance order."""
-    cells: dict[tuple, dict[str, ResultRow]] = {}
-    for r in rows:
-        cells.setdefault((r.trainer, r.model, r.labels, r.unlabeled, r.folds), {})[r.region] = r
-    return cells
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -78,7 +183,13 @@ def _number(value: float | None, digits: int) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _unlabeled_cell(unlabeled: int | None, used: tuple[int, ...]) -> str:
+def _mean_std(values: Sequence[float], digits: int) -> str:
+    """Format the mean ± sample std of per-repeat values (the std only with more than one non-NaN value)."""
+    mean, std, _ = mean_and_std(values)
+    return _number(mean, digits) if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _unlabeled_cell(unlabeled: int | None, used: Sequence[int]) -> str:
     """The table's unlabeled entry: the asked count, ``all (N)`` (``all (N–M)`` across folds), or ``–``."""
     if unlabeled is not None:
         return str(unlabeled)
@@ -88,24 +199,132 @@ def _unlabeled_cell(unlabeled: int | None, used: tuple[int, ...]) -> str:
     return f"all ({low})" if low == high else f"all ({low}–{high})"
 
 
-def markdown_table(rows: Sequence[ResultRow]) -> str:
-    """Table 1 of the paper: one line per cell, Dice then HD95 (mm) per region."""
-    regions = region_order(rows)
+def _unlabeled_used(results: Sequence[CaseResult | ResultRow]) -> dict[CellKey, tuple[int, ...]]:
+    """Return per cell the unlabeled counts of all its repeats' folds."""
+    per_repeat = {(cell_of(r), r.repeat): r.unlabeled_used for r in results}
+    used: dict[CellKey, tuple[int, ...]] = {}
+    for (cell, _), counts in per_repeat.items():
+        used[cell] = used.get(cell, ()) + counts
+    return used
+
+
+def markdown_table(cases: Sequence[CaseResult], policy: str = "brats") -> str:
+    """Table 1 of the paper under one policy: per cell Dice then HD95 (mm) per region, mean ± std over repeats."""
+    rows = [r for r in result_rows(cases) if r.policy == policy]
+    regions = region_order(cases)
     head = ["model", "labels", "unlabeled", *(f"Dice {region_label(g)}" for g in regions),
-            *(f"HD95 {region_label(g)} (mm)" for g in regions)]
+            *(f"HD95 {region_label(g)} (mm)" for g in regions), "repeats"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (_, model, labels, unlabeled, _), by_region in _cells(rows).items():
-        found = [by_region.get(g) for g in regions]
-        values = ([_number(r.dice if r else None, 4) for r in found]
-                  + [_number(r.hd95 if r else None, 2) for r in found])
-        used = next(iter(by_region.values())).unlabeled_used
-        lines.append(f"| {model} | {labels} | {_unlabeled_cell(unlabeled, used)} | " + " | ".join(values) + " |")
+    used = _unlabeled_used(rows)
+    for cell in dict.fromkeys(map(cell_of, rows)):
+        cell_rows = [r for r in rows if cell_of(r) == cell]
+        values = ([_mean_std([r.dice for r in cell_rows if r.region == g], 4) for g in regions]
+                  + [_mean_std([r.hd95 for r in cell_rows if r.region == g], 2) for g in regions])
+        repeats = len({r.repeat for r in cell_rows})
+        lines.append(f"| {cell.model} | {cell.labels} | {_unlabeled_cell(cell.unlabeled, used[cell])} | "
+                     + " | ".join(values) + f" | {repeats} |")
     return "\n".join(lines)
+
+
+def pairings(index: Index, baseline: str = BASELINE) -> list[Pairing]:
+    """Pair every cell of another model with the cell of ``baseline`` at the same label budget and folds."""
+    cells = list(dict.fromkeys(k[0] for k in index))
+    repeats = {c: {k[1] for k in index if k[0] == c} for c in cells}
+    result = []
+    for cell in sorted((c for c in cells if c.model != baseline), key=lambda c: c.labels):
+        found = [c for c in cells if c.model == baseline and (c.labels, c.folds) == (cell.labels, cell.folds)]
+        common = tuple(sorted(repeats[cell] & repeats[found[0]])) if len(found) == 1 else ()
+        if not found:
+            missing = f"no {baseline} at {cell.labels} labels"
+        elif len(found) > 1:
+            missing = f"{len(found)} {baseline} cells at {cell.labels} labels, no unique baseline"
+        elif not common:
+            missing = (f"no {baseline} repeat matches repeats {' '.join(map(str, sorted(repeats[cell])))} "
+                       f"({baseline} has {' '.join(map(str, sorted(repeats[found[0]])))})")
+        else:
+            missing = ""
+        result.append(Pairing(cell, found[0] if len(found) == 1 else None, common, missing))
+    return result
+
+
+def paired_values(index: Index, pairing: Pairing, policy: str, region: str,
+                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return a metric (``dice``/``hd95``) of model and baseline as (repeats, cases) arrays; NaN where absent."""
+    sides = [[index.get((cell, k, policy, region), {}) for k in pairing.repeats]
+             for cell in (pairing.method, pairing.baseline)]
+    cases = sorted({c for side in sides for by_case in side for c in by_case})
+    shape = (len(pairing.repeats), len(cases))
+    return tuple(np.array([[getattr(by_case[c], metric) if c in by_case else math.nan for c in cases]
+                           for by_case in side], dtype=float).reshape(shape) for side in sides)
+
+
+def _interval(result: PairedComparison, digits: int) -> str:
+    """Format mean [low, high] with signs, marked ``*`` when the interval excludes 0."""
+    if math.isnan(result.mean):
+        return "n/a"
+    text = f"{result.mean:+.{digits}f} [{result.low:+.{digits}f}, {result.high:+.{digits}f}]"
+    return text + " *" if result.excludes_zero else text
+
+
+def _p_value(p: float) -> str:
+    """Format a p-value with 4 decimals, below 0.0001 as ``<0.0001``."""
+    return "n/a" if math.isnan(p) else "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: str = BASELINE) -> str:
+    """Per label budget, the paired differences of every other model's cells to ``baseline`` under one policy."""
+    index = index_cases(cases)
+    if not any(k[0].model == baseline for k in index):
+        return f"No {baseline} cells, so no paired differences (choose the baseline model with --baseline)."
+    regions, used = region_order(cases), _unlabeled_used(cases)
+    confidence = f"{CONFIDENCE:.0%}"
+    head = ["model", "unlabeled", "region", "repeats", f"ΔDice [{confidence} CI]", "Dice pairs", "Dice p",
+            f"ΔHD95 (mm) [{confidence} CI]", "HD95 pairs", "HD95 p"]
+    found, blocks = pairings(index, baseline), []
+    for budget in dict.fromkeys(p.method.labels for p in found):
+        lines = [f"#### {budget} labels", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for pairing in (p for p in found if p.method.labels == budget):
+            start = f"| {pairing.method.model} | {_unlabeled_cell(pairing.method.unlabeled, used[pairing.method])} |"
+            if pairing.missing:
+                lines.append(f"{start} – | – | {pairing.missing} | – | – | – | – | – |")
+                continue
+            for region in regions:
+                entries = []
+                for metric, digits in (("dice", 4), ("hd95", 2)):
+                    result = compare(*paired_values(index, pairing, policy, region, metric))
+                    entries += [_interval(result, digits), str(result.n_pairs), _p_value(result.p_value)]
+                lines.append(f"{start} {region_label(region)} | {len(pairing.repeats)} | " + " | ".join(entries) + " |")
+        blocks.append("\n".join(lines))
+    note = (f"Δ = model − {baseline} on the same test case and repeat (same seed, same labeled subset), mean over "
+            "the pairs where both values exist (pairs: their number); for HD95 negative is better. "
+            f"{confidence} CI: percentile bootstrap, {N_RESAMPLES} resamples that draw the test cases and the "
+            f"repeats independently with replacement, seed {SEED}; * marks an interval that excludes 0. "
+            "p: two-sided Wilcoxon signed-rank test of the per-case differences averaged over the repeats.")
+    return "\n\n".join([*blocks, note])
+
+
+def markdown_report(cases: Sequence[CaseResult], baseline: str = BASELINE) -> str:
+    """``results.md``: per empty-mask policy, Table 1 and the paired differences to ``baseline``."""
+    parts = ["# Study results"]
+    for policy in policy_order(cases):
+        parts += [f"## {POLICY_TITLES[policy]}", f"Empty masks: {EMPTY_POLICY_DESCRIPTIONS[policy]}.",
+                  "### Table 1",
+                  "Mean over the test cases of each repeat (NaN values left out), then mean ± sample std over the "
+                  "repeats (the std only with more than one).",
+                  markdown_table(cases, policy),
+                  f"### Paired differences to {baseline}", paired_tables(cases, policy, baseline)]
+    return "\n\n".join(parts)
+
+
+def _series_name(cell: CellKey) -> str:
+    """A cell's name in plot legends: the model, with its unlabeled count if it has one."""
+    return cell.model if cell.unlabeled is None else f"{cell.model} (+{cell.unlabeled} unlabeled)"
 
 
 def _plot_panels(series: dict[str, list[tuple[int, str, float]]], regions: list[str], xlabel: str,
                  title: str, path: str) -> str:
-    """Draw one log-x panel per region, one line per series of (x, region, Dice) points; save a PNG."""
+    """Draw one log-x panel per region, per series a mean line with ± std band over its (x, region, Dice)
+    points (one per repeat); save a PNG."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -114,8 +333,11 @@ def _plot_panels(series: dict[str, list[tuple[int, str, float]]], regions: list[
     xs = sorted({x for points in series.values() for x, _, _ in points})
     for ax, region in zip(axes, regions):
         for name, points in series.items():
-            line = sorted((x, dice) for x, g, dice in points if g == region)
-            ax.plot([x for x, _ in line], [d for _, d in line], marker="o", label=name)
+            line_xs = sorted({x for x, g, _ in points if g == region})
+            stats = np.array([mean_and_std([d for x, g, d in points if (x, g) == (at, region)])[:2] for at in line_xs])
+            mean, std = stats.reshape(-1, 2).T
+            (line,) = ax.plot(line_xs, mean, marker="o", label=name)
+            ax.fill_between(line_xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xscale("log")
         ax.set_xticks(xs)
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -128,18 +350,25 @@ def _plot_panels(series: dict[str, list[tuple[int, str, float]]], regions: list[
     return path
 
 
+def _plotted(rows: Sequence[ResultRow]) -> tuple[list[ResultRow], str]:
+    """Return the rows of the policy the plots show (the first present) and its title."""
+    policy = policy_order(rows)[0]
+    return [r for r in rows if r.policy == policy], POLICY_TITLES[policy]
+
+
 def plot_dice_vs_labels(rows: Sequence[ResultRow], path: str) -> str:
-    """Fig. 2: Dice vs number of labeled images, one line per model (and unlabeled count)."""
+    """Fig. 2: Dice vs number of labeled images, one line (± std over repeats) per model and unlabeled count."""
+    rows, convention = _plotted(rows)
     series: dict[str, list[tuple[int, str, float]]] = {}
     for r in rows:
-        name = r.model if r.unlabeled is None else f"{r.model} (+{r.unlabeled} unlabeled)"
-        series.setdefault(name, []).append((r.labels, r.region, r.dice))
+        series.setdefault(_series_name(cell_of(r)), []).append((r.labels, r.region, r.dice))
     return _plot_panels(series, region_order(rows), "number of labeled images",
-                        "Test Dice vs number of labels", path)
+                        f"Test Dice vs number of labels ({convention}; mean ± std over repeats)", path)
 
 
 def plot_dice_vs_unlabeled(rows: Sequence[ResultRow], path: str) -> str | None:
     """Fig. 4: Dice vs number of unlabeled images per (model, labels) with several counts; None if none."""
+    rows, convention = _plotted(rows)
     series: dict[str, list[tuple[int, str, float]]] = {}
     for r in rows:
         if r.unlabeled is not None:
@@ -148,21 +377,59 @@ def plot_dice_vs_unlabeled(rows: Sequence[ResultRow], path: str) -> str | None:
     if not series:
         return None
     return _plot_panels(series, region_order(rows), "number of unlabeled images",
-                        "Test Dice vs number of unlabeled images", path)
+                        f"Test Dice vs number of unlabeled images ({convention}; mean ± std over repeats)", path)
 
 
-def write_report(rows: Sequence[ResultRow], folder: str) -> dict[str, str]:
-    """Write the CSV, the markdown table and the plots into ``folder``; return ``{kind: path}``."""
-    if not rows:
-        raise ValueError("no result rows to report")
+def plot_paired_dice(cases: Sequence[CaseResult], path: str, baseline: str = BASELINE) -> str | None:
+    """Per test case ΔDice (model − baseline) of every paired cell, one panel per region; None if none."""
+    from matplotlib.figure import Figure
+
+    index = index_cases(cases)
+    found = [p for p in pairings(index, baseline) if not p.missing]
+    if not found:
+        return None
+    policy, regions = policy_order(cases)[0], region_order(cases)
+    colors = {model: f"C{i}" for i, model in enumerate(dict.fromkeys(p.method.model for p in found))}
+    fig = Figure(figsize=(max(7.0, 1.5 + 0.8 * len(found)), 2.8 * len(regions)), layout="constrained")
+    axes = fig.subplots(len(regions), 1, squeeze=False)[:, 0]
+    for ax, region in zip(axes, regions):
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for x, pairing in enumerate(found):
+            differences = paired_differences(*paired_values(index, pairing, policy, region, "dice"))
+            # every case at the same offset in every group, so that one case can be followed across models
+            n_cases = differences.shape[1]
+            offsets = x + (np.linspace(-0.3, 0.3, n_cases) if n_cases > 1 else np.zeros(n_cases))
+            color = colors[pairing.method.model]
+            for repeat in differences:
+                ax.scatter(offsets, repeat, s=6, color=color, alpha=0.3, linewidths=0)
+            ax.scatter(offsets, case_means(differences), s=16, color=color)
+            ax.hlines(mean_and_std(differences.ravel())[0], x - 0.38, x + 0.38, color="black")
+        ax.set_xticks(range(len(found)), [f"{_series_name(p.method)}\n{p.method.labels} labels" for p in found],
+                      fontsize="small")
+        ax.set(title=region_label(region), ylabel=f"ΔDice vs {baseline}")
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"Per test case ΔDice, model − {baseline} ({POLICY_TITLES[policy]})\n"
+                 "faint: one repeat, solid: mean over repeats, bar: mean over all pairs")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_report(cases: Sequence[CaseResult], folder: str, baseline: str = BASELINE) -> dict[str, str]:
+    """Write the CSV, ``results.md`` and the plots into ``folder``; return ``{kind: path}``."""
+    if not cases:
+        raise ValueError("no case results to report")
     os.makedirs(folder, exist_ok=True)
     paths = {kind: os.path.join(folder, name) for kind, name in FILES.items()}
+    rows = result_rows(cases)
     write_csv(rows, paths["csv"])
     with open(paths["table"], "w") as f:
-        f.write(markdown_table(rows) + "\n")
+        f.write(markdown_report(cases, baseline) + "\n")
     plot_dice_vs_labels(rows, paths["fig2"])
-    if plot_dice_vs_unlabeled(rows, paths["fig4"]) is None:
-        if os.path.exists(paths["fig4"]):
-            os.remove(paths["fig4"])  # a stale plot from an earlier grid would be misleading
-        del paths["fig4"]
+    optional = {"fig4": plot_dice_vs_unlabeled(rows, paths["fig4"]),
+                "paired": plot_paired_dice(cases, paths["paired"], baseline)}
+    for kind, written in optional.items():
+        if written is None:
+            if os.path.exists(paths[kind]):
+                os.remove(paths[kind])  # a stale plot from an earlier grid would be misleading
+            del paths[kind]
     return paths
