@@ -159,10 +159,65 @@ def test_missing_files_and_mismatches_are_reported(folders):
         evaluate.evaluate_folder(gt, pred, dataset_json, chill=True)
     _write(np.zeros((2, 2, 2)), gt / "extra.nii.gz")
     _write(np.zeros((2, 2, 3)), pred / "extra.nii.gz")
-    with pytest.raises(ValueError, match="shape mismatch.*extra"):
+    with pytest.raises(ValueError, match=r"pred/extra.nii.gz: size \(3, 2, 2\) vs \(2, 2, 2\) of the reference"):
         evaluate.evaluate_folder(gt, pred, dataset_json, chill=True)
     with pytest.raises(ValueError, match="policy"):
         evaluate.evaluate_folder(gt, pred, dataset_json, policy="zero")
+
+
+def test_truncated_prediction_or_reference_is_refused(folders):
+    gt, pred, dataset_json = folders
+    for folder in (pred, gt):  # SimpleITK reads the missing voxels as 0 and the case would be scored
+        path = folder / "case_a.nii.gz"
+        intact = path.read_bytes()
+        path.write_bytes(intact[: len(intact) // 2])
+        with pytest.raises(ValueError, match=f"{folder.name}/case_a.nii.gz: truncated or damaged file"):
+            evaluate.evaluate_folder(gt, pred, dataset_json)
+        path.write_bytes(intact)
+    (pred / "case_a.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="pred/case_a.nii.gz: truncated or damaged"):
+        evaluate.evaluate_folder(gt, pred, dataset_json)
+
+
+@pytest.mark.parametrize("value, dtype", [(5, np.uint8), (7, np.uint8), (-3, np.int8), (1.4, np.float32)])
+def test_label_values_outside_dataset_json_are_refused(folders, value, dtype):
+    gt, pred, dataset_json = folders
+    for folder in (pred, gt):
+        labels = _tumour().astype(dtype)
+        labels[0, 0, 0] = value
+        image = sitk.GetImageFromArray(labels)
+        image.SetSpacing(SITK_SPACING)
+        original = (folder / "case_b.nii.gz").read_bytes()
+        sitk.WriteImage(image, str(folder / "case_b.nii.gz"))
+        with pytest.raises(ValueError, match=rf"{folder.name}/case_b.nii.gz: label values \[{value}\] are not labels "
+                                             rf"of dataset.json \(\[0, 1, 2, 3\]\)"):
+            evaluate.evaluate_folder(gt, pred, dataset_json)
+        (folder / "case_b.nii.gz").write_bytes(original)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda image: image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1)), "direction"),  # flipped along x
+    (lambda image: image.SetOrigin((0.0, 0.0, 1.0)), "origin"),  # shifted by one voxel along z
+    (lambda image: image.SetSpacing((1.0, 2.0, 3.1)), "spacing"),
+])
+def test_prediction_on_another_voxel_grid_is_refused(folders, change, field):
+    gt, pred, dataset_json = folders
+    image = sitk.ReadImage(str(gt / "case_a.nii.gz"))  # the reference itself: Dice 1 if the grid were ignored
+    change(image)
+    sitk.WriteImage(image, str(pred / "case_a.nii.gz"))
+    with pytest.raises(ValueError, match=f"pred/case_a.nii.gz: {field} .* of the reference .*gt/case_a.nii.gz"):
+        evaluate.evaluate_folder(gt, pred, dataset_json)
+
+
+def test_dataset_json_without_file_ending_or_labels_is_refused(folders, tmp_path):
+    gt, pred, _ = folders
+    for key in ("file_ending", "labels"):
+        content = {k: v for k, v in BRATS_JSON.items() if k != key}
+        (tmp_path / "incomplete.json").write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=f"incomplete.json has no '{key}' entry"):
+            evaluate.evaluate_folder(gt, pred, tmp_path / "incomplete.json")
+    with pytest.raises(FileNotFoundError, match="missing.json: no such file"):
+        evaluate.evaluate_folder(gt, pred, tmp_path / "missing.json")
 
 
 def test_cli_hooks(folders, tmp_path, capsys):

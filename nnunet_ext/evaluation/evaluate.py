@@ -8,6 +8,11 @@ an integer entry a single label. Region mask = ``np.isin(label_map, region_label
 the ignore label in the ground truth are removed from the prediction masks. See ``metrics`` for the Dice
 and HD95 conventions and the empty-mask policies.
 
+Checks before scoring (each failure is an error naming the file): files are complete and readable
+(:mod:`nnunet_ext.images`), label values are integers listed in dataset.json ``labels``, and prediction
+and reference lie on the same voxel grid (size, spacing, origin, direction within the tolerances of
+:class:`nnunet_ext.images.Geometry`).
+
 Outputs: a JSON summary (default ``PRED_FOLDER/summary_{policy}.json``) and a per-case CSV beside it
 (same path with ``.csv``; one row per case and region: case, region, dice, hd95_mm, n_ref, n_pred).
 """
@@ -33,6 +38,7 @@ from nnunet_ext.evaluation.metrics import (
     dice,
     hd95,
 )
+from nnunet_ext.images import Geometry, read_image
 
 METRICS = ("Dice", "HD95")
 
@@ -57,10 +63,39 @@ def regions_from_dataset_json(dataset_json: dict) -> dict[str, tuple[int, ...]]:
     return regions
 
 
-def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a label map with SimpleITK; return the array (z, y, x) and its spacing in the same axis order."""
-    image = sitk.ReadImage(str(path))
-    return sitk.GetArrayFromImage(image), tuple(image.GetSpacing())[::-1]
+def read_label_map(path: Path, label_values: set[int]) -> tuple[np.ndarray, Geometry]:
+    """Read a label map (array in z, y, x order) and its geometry; raise ValueError naming the file when it is
+    damaged or holds values other than ``label_values``."""
+    image = read_image(path)
+    array = sitk.GetArrayFromImage(image)
+    values = np.unique(array)
+    unknown = [v for v in values.tolist() if v != round(v) or round(v) not in label_values]
+    if unknown:
+        shown = ", ".join(f"{v:g}" for v in unknown[:10])
+        raise ValueError(f"{path}: label values [{shown}] are not labels of dataset.json "
+                         f"({sorted(label_values)}); fix the file or the dataset.json labels.")
+    return array, Geometry.of(image)
+
+
+def label_values(regions: dict[str, tuple[int, ...]], ignore_label: int | None) -> set[int]:
+    """The values a label map may hold: background 0, the labels of every region, the ignore label."""
+    return {0, *(v for labels in regions.values() for v in labels), *([] if ignore_label is None else [ignore_label])}
+
+
+def read_pair(
+    reference_file: Path, prediction_file: Path, values: set[int]
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """Read a reference and its prediction; raise ValueError naming the file that is damaged, holds unknown
+    labels, or lies on another voxel grid than the reference."""
+    reference, geometry = read_label_map(reference_file, values)
+    prediction, pred_geometry = read_label_map(prediction_file, values)
+    differences = pred_geometry.differences(geometry)
+    if differences:
+        raise ValueError(
+            f"{prediction_file}: {'; '.join(differences)} of the reference {reference_file} (x, y, z order); a "
+            f"prediction must lie on its reference's voxel grid (nnUNetv2_predict writes the input's geometry)"
+        )
+    return reference, prediction, geometry
 
 
 def case_metrics(
@@ -94,18 +129,10 @@ def evaluate_case(
     ignore_label: int | None = None,
 ) -> dict:
     """Read one reference/prediction pair and return its metrics with the case's files, shape and spacing."""
-    reference, spacing = read_label_map(reference_file)
-    prediction, pred_spacing = read_label_map(prediction_file)
-    if reference.shape != prediction.shape:
-        raise ValueError(
-            f"shape mismatch: reference {reference_file} has {reference.shape}, "
-            f"prediction {prediction_file} has {prediction.shape}"
-        )
-    if not np.allclose(spacing, pred_spacing, rtol=1e-4):
-        raise ValueError(
-            f"spacing mismatch: reference {reference_file} has {spacing}, "
-            f"prediction {prediction_file} has {pred_spacing}"
-        )
+    reference, prediction, geometry = read_pair(
+        reference_file, prediction_file, label_values(regions, ignore_label)
+    )
+    spacing = geometry.spacing[::-1]  # array axis order
     return {
         "reference_file": str(reference_file),
         "prediction_file": str(prediction_file),
@@ -193,12 +220,24 @@ def write_per_case_csv(result: dict, path: Path) -> None:
                 writer.writerow([case["case"], region, m["Dice"], m["HD95"], m["n_ref"], m["n_pred"]])
 
 
-def _load_dataset_json(dataset_json: str | Path | dict) -> dict:
-    """Return dataset.json as a dict, given its path or the dict itself."""
+def load_dataset_json(dataset_json: str | Path | dict) -> dict:
+    """Return dataset.json as a dict, given its path or the dict itself; check the keys evaluation needs."""
+    where = "dataset.json" if isinstance(dataset_json, dict) else str(dataset_json)
     if isinstance(dataset_json, dict):
-        return dataset_json
-    with open(dataset_json) as f:
-        return json.load(f)
+        content = dataset_json
+    else:
+        if not Path(dataset_json).is_file():
+            raise FileNotFoundError(f"{dataset_json}: no such file (-djfile must name the dataset's dataset.json)")
+        with open(dataset_json) as f:
+            try:
+                content = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{dataset_json}: not valid JSON ({error})") from error
+    for key, example in (("file_ending", '".nii.gz"'), ("labels", '{"background": 0, "tumour": 1}')):
+        if key not in content:
+            raise ValueError(f"{where} has no '{key}' entry (e.g. \"{key}\": {example}), which nnU-Net's "
+                             f"dataset.json requires; add it.")
+    return content
 
 
 def evaluate_folder(
@@ -217,7 +256,7 @@ def evaluate_folder(
     """
     check_policy(policy)
     gt_folder, pred_folder = Path(gt_folder), Path(pred_folder)
-    dataset = _load_dataset_json(dataset_json)
+    dataset = load_dataset_json(dataset_json)
     file_ending = dataset["file_ending"]
     regions = regions_from_dataset_json(dataset)
     ignore_label = dataset["labels"].get("ignore")
