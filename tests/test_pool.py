@@ -1,22 +1,58 @@
-"""The unlabeled pool: validation cases, the test split and copies of either never enter it."""
+"""The unlabeled pool: validation cases, the test split and copies of either never enter it, and no
+imagesUnlabeled case enters it without a duplicate check that knew every such case."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from nnunet_ext.data.pool import build_pool
+from nnunet_ext.data.pool import DuplicateCheck, build_pool, load_manifest, record_path
+
+KNOWN = frozenset({"a", "b", "v1", "v2", "t1", "t2", "l1", "l2", "zz", "p"})
+
+
+def checks(copies: dict[str, tuple[str, ...]], ids: list[str], known: frozenset[str] = KNOWN) -> dict:
+    """A duplicate check for every id: the given copies, compared with ``known``."""
+    return {i: DuplicateCheck(copies.get(i, ()), known) for i in ids}
 
 
 def test_pool_excludes_validation_test_and_copies():
-    pool = build_pool(beyond_budget=["a", "b", "v1"], folder_ids=["u1", "u2", "t1", "copy_v", "copy_t", "a", "l1"],
+    folder_ids = ["u1", "u2", "t1", "copy_v", "copy_t", "a", "l1", "copy_l", "copy_b", "copy_tr"]
+    pool = build_pool(beyond_budget=["a", "b", "v1"], folder_ids=folder_ids,
                       labeled=["l1", "l2"], validation=["v1", "v2"], test={"t1", "t2"},
-                      duplicates={"copy_v": "imagesTr/v2", "copy_t": "imagesTs/t2", "u2": "imagesTr/zz"})
+                      duplicates=checks({"copy_v": ("imagesTr/v2",), "copy_t": ("imagesTs/t2",), "u2": ("imagesTr/zz",),
+                                         "copy_l": ("imagesTr/l2",), "copy_b": ("imagesTr/b",),
+                                         "copy_tr": ("imagesTr/zz", "imagesTs/p")}, folder_ids))
     assert sorted(pool.ids) == ["a", "b", "u1", "u2"]
-    assert set(pool.excluded) == {"v1", "t1", "copy_v", "copy_t", "l1", "imagesUnlabeled/a"}
+    assert set(pool.excluded) == {"v1", "t1", "copy_v", "copy_t", "l1", "imagesUnlabeled/a", "copy_l", "copy_b",
+                                  "copy_tr"}
     assert "validation" in pool.excluded["copy_v"] and "test" in pool.excluded["copy_t"]
+    assert pool.excluded["copy_l"] == "imagesUnlabeled image is a labeled training case of this fold"
+    assert "copy of imagesTr/b, a fold training case already in the pool" in pool.excluded["copy_b"]
+    assert "copy of imagesTs/p" in pool.excluded["copy_tr"]  # any copy of an imagesTs image is excluded
     assert pool.source["a"].startswith("fold training") and pool.source["u1"] == "imagesUnlabeled"
     assert pool.select(2) == pool.ids[:2] and pool.select(None) == pool.ids
     with pytest.raises(ValueError, match="5 unlabeled images requested but the pool has only 4"):
         pool.select(5)
-    again = build_pool(["a", "b"], ["u1", "u2"], [], [], set())
-    assert again.ids == build_pool(["b", "a"], ["u2", "u1"], [], [], set()).ids  # deterministic
+    again = build_pool(["a", "b"], ["u1", "u2"], [], [], set(), checks({}, ["u1", "u2"]))
+    assert again.ids == build_pool(["b", "a"], ["u2", "u1"], [], [], set(), checks({}, ["u2", "u1"])).ids
+
+
+def test_cases_without_a_check_or_with_a_stale_one_are_refused():
+    with pytest.raises(ValueError, match=r"cases \['u2'\] have no duplicate check.*rerun 'nnunet-ext "
+                                         r"preprocess-unlabeled'"):
+        build_pool(["a"], ["u1", "u2"], ["l1"], ["v1"], {"t1"}, checks({}, ["u1"]))
+    with pytest.raises(ValueError, match="have no duplicate check"):  # no manifest at all
+        build_pool(["a"], ["u1"], ["l1"], ["v1"], {"t1"})
+    with pytest.raises(ValueError, match=r"cases \['u1'\] were checked for copies before the cases \['t9'\] existed"):
+        build_pool(["a"], ["u1"], ["l1"], ["v1"], {"t1", "t9"}, checks({}, ["u1"]))
+    assert build_pool(["a"], [], ["l1"], ["v1"], {"t9"}).ids == ["a"]  # no imagesUnlabeled: nothing to check
+
+
+def test_manifest_is_read_from_the_records(tmp_path):
+    assert load_manifest(str(tmp_path / "missing")) == {}
+    (tmp_path / "manifest").mkdir()
+    with open(record_path(str(tmp_path), "U1"), "w") as f:
+        json.dump({"duplicate_of": ["imagesTs/T1"], "checked_against": ["T1", "A"], "channels": []}, f)
+    assert load_manifest(str(tmp_path)) == {"U1": DuplicateCheck(("imagesTs/T1",), frozenset({"T1", "A"}))}

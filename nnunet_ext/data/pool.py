@@ -2,15 +2,17 @@
 
 Pool sources (both optional, combined): (1) the fold's training cases beyond the label budget (images
 only), (2) preprocessed ``imagesUnlabeled``. Leakage guard: the fold's validation cases, the dataset's
-labeled test split and copies of either (from the manifest of ``nnunet-ext preprocess-unlabeled``) never
-enter the pool, whatever the folders contain.
+labeled test split and copies of either never enter the pool, whatever the folders contain. Copies are
+found by content when ``nnunet-ext preprocess-unlabeled`` preprocesses a case (:mod:`nnunet_ext.data.duplicates`);
+the result is the case's record in the manifest folder, written before the case is complete. A case
+without a record, or checked before one of today's validation, test or labeled cases existed, is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,12 +20,17 @@ import numpy as np
 from nnunet_ext.data.budgets import DEFAULT_SEED
 
 UNLABELED_RAW = "imagesUnlabeled"
-MANIFEST = "unlabeled_manifest.json"
+MANIFEST = "manifest"  # folder of one JSON record per preprocessed case (see preprocess_unlabeled)
 
 
 def unlabeled_folder(preprocessed_dataset_folder: str, data_identifier: str) -> str:
     """Where the preprocessed unlabeled images of one configuration live."""
     return os.path.join(preprocessed_dataset_folder, f"{data_identifier}_unlabeled")
+
+
+def record_path(folder: str, case: str) -> str:
+    """Where the record (content hashes, duplicate check) of one preprocessed unlabeled case lives."""
+    return os.path.join(folder, MANIFEST, case + ".json")
 
 
 def complete_cases(dataset_class, folder: str) -> list[str]:
@@ -66,14 +73,26 @@ def raw_test_ids(raw_dataset_folder: str | None, file_ending: str) -> set[str]:
     return ids
 
 
-def build_pool(beyond_budget: Sequence[str], folder_ids: Sequence[str], labeled: Sequence[str],
-               validation: Sequence[str], test: set[str], duplicates: dict[str, str | None] | None = None,
-               seed: int = DEFAULT_SEED) -> UnlabeledPool:
-    """Combine both sources, drop leaking or repeated ids, and order the rest deterministically.
+@dataclass(frozen=True)
+class DuplicateCheck:
+    """The duplicate check of one imagesUnlabeled case: the labeled/test cases it copies ('imagesTs/CASE'),
+    and the ids of all cases it was compared with."""
 
-    ``duplicates`` maps an imagesUnlabeled id to 'imagesTr/CASE' or 'imagesTs/CASE' it is a copy of.
+    copies: tuple[str, ...]
+    checked: frozenset[str]
+
+
+def build_pool(beyond_budget: Sequence[str], folder_ids: Sequence[str], labeled: Sequence[str],
+               validation: Sequence[str], test: set[str], duplicates: Mapping[str, DuplicateCheck] | None = None,
+               seed: int = DEFAULT_SEED) -> UnlabeledPool:
+    """Combine both sources, drop leaking or repeated images, and order the rest deterministically.
+
+    ``duplicates`` holds the check of every imagesUnlabeled id (:func:`load_manifest`); an id without one,
+    or whose check did not compare it with every validation, test and labeled case, is an error.
     The order is a seeded permutation of the sorted pool, independent of how many are later selected.
     """
+    duplicates = duplicates or {}
+    _require_checks(folder_ids, duplicates, set(validation) | set(test) | set(labeled))
     forbidden = {**{i: "validation case of this fold" for i in validation},
                  **{i: "labeled test split" for i in test}}
     excluded, source = {}, {}
@@ -84,16 +103,20 @@ def build_pool(beyond_budget: Sequence[str], folder_ids: Sequence[str], labeled:
             source[i] = "fold training cases beyond the label budget"
     labeled_set = set(labeled)
     for i in folder_ids:
-        copy_of = (duplicates or {}).get(i)
-        copy_id = copy_of.split("/", 1)[1] if copy_of else None
+        copies = {c: c.split("/", 1)[1] for c in duplicates[i].copies}  # 'imagesTs/CASE' -> CASE
+        leaked = [c for c, case in copies.items() if c.startswith("imagesTs/") or case in forbidden]
+        in_pool = [c for c, case in copies.items() if case in source]
         if i in forbidden:
             excluded[i] = f"imagesUnlabeled id is a {forbidden[i]}"
-        elif copy_id in forbidden or (copy_of or "").startswith("imagesTs/"):
-            excluded[i] = f"imagesUnlabeled image is a copy of {copy_of} ({forbidden.get(copy_id, 'test split')})"
-        elif i in labeled_set or copy_id in labeled_set:
+        elif leaked:
+            excluded[i] = (f"imagesUnlabeled image is a copy of {leaked[0]} "
+                           f"({forbidden.get(copies[leaked[0]], 'labeled test split')})")
+        elif i in labeled_set or labeled_set & set(copies.values()):
             excluded[i] = "imagesUnlabeled image is a labeled training case of this fold"
         elif i in source:
             excluded[f"imagesUnlabeled/{i}"] = "same id as a fold training case already in the pool"
+        elif in_pool:
+            excluded[i] = f"imagesUnlabeled image is a copy of {in_pool[0]}, a fold training case already in the pool"
         else:
             source[i] = "imagesUnlabeled"
     ordered = sorted(source)
@@ -101,10 +124,31 @@ def build_pool(beyond_budget: Sequence[str], folder_ids: Sequence[str], labeled:
     return UnlabeledPool([ordered[k] for k in permutation], source, excluded)
 
 
-def load_manifest(folder: str) -> dict[str, str | None]:
-    """imagesUnlabeled id -> the labeled/test case it duplicates (from preprocess-unlabeled), if any."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
+def _require_checks(folder_ids: Sequence[str], duplicates: Mapping[str, DuplicateCheck], must_know: set[str]) -> None:
+    """Raise ValueError for imagesUnlabeled ids without a duplicate check, or checked before a case existed."""
+    rerun = ("rerun 'nnunet-ext preprocess-unlabeled' with this dataset, configuration and plans: it checks "
+             "them against today's imagesTr, imagesTs and labelsTs")
+    missing = [i for i in folder_ids if i not in duplicates]
+    if missing:
+        raise ValueError(f"preprocessed imagesUnlabeled cases {missing[:10]} have no duplicate check (preprocessed "
+                         f"by an interrupted or older nnunet-ext); {rerun}.")
+    stale = [i for i in folder_ids if must_know - duplicates[i].checked]
+    if stale:
+        unknown = sorted(set().union(*(must_know - duplicates[i].checked for i in stale)))
+        raise ValueError(f"preprocessed imagesUnlabeled cases {stale[:10]} were checked for copies before the cases "
+                         f"{unknown[:10]} existed in imagesTr/imagesTs/labelsTs; {rerun}.")
+
+
+def load_manifest(folder: str) -> dict[str, DuplicateCheck]:
+    """The duplicate check of every case recorded in a preprocessed unlabeled folder (empty when none)."""
+    records = os.path.join(folder, MANIFEST)
+    if not os.path.isdir(records):
         return {}
-    with open(path) as f:
-        return {case: entry.get("duplicate_of") for case, entry in json.load(f).items()}
+    checks = {}
+    for name in sorted(os.listdir(records)):
+        if name.endswith(".json"):
+            with open(os.path.join(records, name)) as f:
+                record = json.load(f)
+            checks[name[:-len(".json")]] = DuplicateCheck(tuple(record["duplicate_of"]),
+                                                          frozenset(record["checked_against"]))
+    return checks

@@ -1,107 +1,61 @@
 """Preprocess ``imagesUnlabeled/`` with the dataset's own plans, preprocessor and data format.
 
 Writes ``$nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/`` (nnU-Net's dataset classes need
-one file type per folder) plus ``unlabeled_manifest.json`` with a content hash per case and the labeled
-or test cases it duplicates. Idempotent: finished cases are skipped. Each case is checked first (channel
-count, equal channel shapes, readable files, finite voxels) and written through a staging folder, so a
-failure names the file at fault and never damages cases already preprocessed.
+one file type per folder) and one record per case in its ``manifest/`` folder: the raw files it was made
+from (size, mtime), the content of each channel, the imagesTr/imagesTs cases it copies (by content, see
+:mod:`nnunet_ext.data.duplicates`), every case id it was compared with, and warnings. The record is
+written before the case's files and the properties file comes last, so no interruption can leave a
+complete case without its duplicate check. Idempotent: cases whose raw files are unchanged are skipped
+(their records are brought up to date when imagesTr/imagesTs changed). Each case is checked first
+(:func:`nnunet_ext.data.raw_cases.load_checked`) and written through a staging folder, so a failure names
+the file at fault and never damages cases already preprocessed.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 
 import numpy as np
 
-from nnunet_ext.data.pool import MANIFEST, UNLABELED_RAW, unlabeled_folder
+from nnunet_ext.data.duplicates import ReferenceIndex, channel_contents, reference_index
+from nnunet_ext.data.pool import MANIFEST, UNLABELED_RAW, record_path, unlabeled_folder
+from nnunet_ext.data.raw_cases import file_signature, load_checked, raw_cases
 
 
-def raw_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, list[str]]:
-    """Group ``CASE_XXXX<ending>`` files by case; fail naming a case whose channel files are incomplete."""
-    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
-    cases: dict[str, dict[int, str]] = {}
-    for f in sorted(os.listdir(folder)):
-        match = pattern.match(f)
-        if f.startswith(".") or not f.endswith(file_ending):
-            continue
-        if match is None:
-            raise ValueError(f"{os.path.join(folder, f)}: expected nnU-Net naming CASE_XXXX{file_ending} "
-                             f"(channel index as 4 digits).")
-        cases.setdefault(match.group(1), {})[int(match.group(2))] = os.path.join(folder, f)
-    expected = list(range(num_channels))
-    for case, channels in cases.items():
-        if sorted(channels) != expected:
-            raise ValueError(f"{folder}: case '{case}' has channel files {sorted(channels)}, but dataset.json "
-                             f"lists {num_channels} channels (expected {case}_0000..{case}_{num_channels - 1:04d}"
-                             f"{file_ending}).")
-    return {case: [channels[c] for c in expected] for case, channels in cases.items()}
-
-
-def file_hash(path: str) -> str:
-    """SHA-1 of a file's bytes (finds copied images under another name)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _nifti_is_finite(path: str) -> bool:
-    """SimpleITK's NIfTI reader silently turns NaN/inf into 0, so NIfTI files are checked with nibabel."""
-    if not path.endswith((".nii", ".nii.gz")):
-        return True
-    import nibabel
-
-    return bool(np.isfinite(np.asanyarray(nibabel.load(path).dataobj)).all())
-
-
-def load_checked(image_files: list[str], reader) -> tuple[np.ndarray, dict]:
-    """Read one case's channels (C, *spatial); raise ValueError naming a file that is unreadable,
-    mis-shaped, of another spacing or not finite.
-
-    nnU-Net's reader checks shape and spacing across the channels it reads together, but fails with a
-    bare RuntimeError; reading channel by channel lets every error name its file.
-    """
-    arrays, spacings, properties = [], [], None
-    for f in image_files:
-        try:
-            data, props = reader.read_images([f])
-        except Exception as e:  # any reader failure: name the file
-            raise ValueError(f"{f}: cannot be read as an image ({type(e).__name__}: {e}).") from e
-        if not (np.isfinite(data).all() and _nifti_is_finite(f)):
-            raise ValueError(f"{f}: contains NaN or infinite voxels; fix or remove this image.")
-        spacing = tuple(float(s) for s in props["spacing"])
-        if arrays and data.shape[1:] != arrays[0].shape[1:]:
-            raise ValueError(f"{f}: shape {data.shape[1:]} differs from {image_files[0]} "
-                             f"{arrays[0].shape[1:]}; all channels of a case must have the same shape.")
-        if spacings and spacing != spacings[0]:
-            raise ValueError(f"{f}: spacing {spacing} differs from {image_files[0]} {spacings[0]}; all channels "
-                             f"of a case must have the same spacing.")
-        arrays.append(data)
-        spacings.append(spacing)
-        properties = properties or props
-    return np.vstack(arrays), properties
+def duplicate_check(index: ReferenceIndex, channels: list[dict]) -> dict:
+    """The record fields the trainers read: the cases ``channels`` copy and every case id compared with."""
+    return {"duplicate_of": index.copies_of(channels), "checked_against": index.ids}
 
 
 def preprocess_case(case: str, image_files: list[str], output_folder: str, plans_manager, configuration_manager,
-                    dataset_json: dict) -> str:
-    """Check and preprocess one case with nnU-Net's own preprocessor; files appear only when complete."""
+                    dataset_json: dict, index: ReferenceIndex, accept_misaligned: bool = False) -> str:
+    """Check, hash and preprocess one case; its record is in place before its properties file (case complete)."""
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
-    data, properties = load_checked(image_files, plans_manager.image_reader_writer_class())
+    raw = load_checked(image_files, plans_manager.image_reader_writer_class(), index.dimension, accept_misaligned)
+    channels = channel_contents(raw.data, raw.geometries)
+    record = {"files": file_signature(image_files), "channels": channels, "warnings": raw.warnings,
+              **duplicate_check(index, channels)}
+    for warning in raw.warnings:
+        print(f"[preprocess-unlabeled] WARNING: {warning} (accepted, recorded in {record_path(output_folder, case)})")
+    if record["duplicate_of"]:
+        print(f"[preprocess-unlabeled] {case} is a copy of {', '.join(record['duplicate_of'])}; trainers exclude it "
+              f"whenever that case is a test, validation or labeled case", flush=True)
+    properties_file = os.path.join(output_folder, case + ".pkl")
+    if os.path.isfile(properties_file):
+        os.remove(properties_file)  # redone because its raw files changed: incomplete until the new files are in
     staging = os.path.join(output_folder, f".staging_{case}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        data, seg, properties = preprocessor.run_case_npy(data, None, properties, plans_manager,
+        data, seg, properties = preprocessor.run_case_npy(raw.data, None, raw.properties, plans_manager,
                                                           configuration_manager, dataset_json)
         properties["class_locations"] = {}  # no labels: never sample foreground from an unlabeled image
         _save(data, seg, properties, os.path.join(staging, case), configuration_manager)
+        write_json_atomic(record_path(output_folder, case), record)
         names = sorted(os.listdir(staging), key=lambda n: n.endswith(".pkl"))  # properties last = case complete
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(output_folder, name))
@@ -124,20 +78,8 @@ def _save(data: np.ndarray, seg: np.ndarray, properties: dict, truncated: str, c
                                   chunks_seg=chunks_seg, blocks_seg=blocks_seg)
 
 
-def labeled_hashes(raw_folder: str, file_ending: str) -> dict[str, str]:
-    """Hash of channel 0 of every labeled training and test image -> 'imagesTr/CASE' (for duplicate warnings)."""
-    hashes = {}
-    for split in ("imagesTr", "imagesTs"):
-        folder = os.path.join(raw_folder, split)
-        if os.path.isdir(folder):
-            for f in sorted(os.listdir(folder)):
-                if f.endswith("_0000" + file_ending):
-                    hashes[file_hash(os.path.join(folder, f))] = f"{split}/{f[:-len('_0000' + file_ending)]}"
-    return hashes
-
-
 def preprocess_unlabeled(dataset_id: int | str, configurations: list[str], plans: str = "nnUNetPlans",
-                         num_processes: int = 1) -> dict[str, str]:
+                         num_processes: int = 1, accept_misaligned: bool = False) -> dict[str, str]:
     """Preprocess imagesUnlabeled for each configuration; return {configuration: output folder}."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
@@ -156,24 +98,19 @@ def preprocess_unlabeled(dataset_id: int | str, configurations: list[str], plans
                                 f"(nnunet-ext plan / nnUNetv2_plan_and_preprocess).")
     plans_manager = PlansManager(plans_file)
     dataset_json = load_json(os.path.join(nnUNet_preprocessed, name, "dataset.json"))
-    cases = raw_cases(source, dataset_json["file_ending"], len(dataset_json["channel_names"]))
-    known = labeled_hashes(raw, dataset_json["file_ending"])
-    manifest = {}
-    for case, files in cases.items():
-        digest = file_hash(files[0])
-        manifest[case] = {"sha1_channel0": digest, "duplicate_of": known.get(digest)}
-        if known.get(digest):
-            print(f"[preprocess-unlabeled] WARNING: {files[0]} is a copy of {known[digest]}; trainers exclude it "
-                  f"whenever that case is a validation or test case")
+    file_ending, num_channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
+    cases = raw_cases(source, file_ending, num_channels)
+    index = reference_index(raw, file_ending, num_channels, plans_manager.image_reader_writer_class,
+                            os.path.join(nnUNet_preprocessed, name), num_processes)
     outputs = {}
     for configuration in configurations:
         cm = plans_manager.get_configuration(configuration)
         out = unlabeled_folder(os.path.join(nnUNet_preprocessed, name), cm.data_identifier)
-        os.makedirs(out, exist_ok=True)
-        todo = [c for c in cases if not os.path.isfile(os.path.join(out, c + ".pkl"))]
+        os.makedirs(os.path.join(out, MANIFEST), exist_ok=True)
+        todo = [c for c in cases if not _up_to_date(out, c, cases[c], index)]
         print(f"[preprocess-unlabeled] {name} {configuration}: {len(cases)} cases, {len(cases) - len(todo)} "
               f"already done, {len(todo)} to go -> {out}", flush=True)
-        jobs = [(c, cases[c], out, plans_manager, cm, dataset_json) for c in todo]
+        jobs = [(c, cases[c], out, plans_manager, cm, dataset_json, index, accept_misaligned) for c in todo]
         if num_processes > 1 and len(jobs) > 1:
             with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
                 for i, case in enumerate(pool.starmap(preprocess_case, jobs, chunksize=1)):
@@ -182,19 +119,41 @@ def preprocess_unlabeled(dataset_id: int | str, configurations: list[str], plans
             for i, job in enumerate(jobs):
                 preprocess_case(*job)
                 print(f"[preprocess-unlabeled] {i + 1}/{len(jobs)} {job[0]}", flush=True)
-        _write_if_changed(os.path.join(out, MANIFEST), manifest)
         outputs[configuration] = out
     return outputs
 
 
-def _write_if_changed(path: str, content: dict) -> None:
-    """Write JSON unless the file already holds exactly this content (keeps reruns side-effect free)."""
+def _up_to_date(folder: str, case: str, files: list[str], index: ReferenceIndex) -> bool:
+    """Whether a case is complete and made from today's raw files; brings its duplicate check up to date."""
+    path = record_path(folder, case)
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, case + ".pkl"))):
+        return False
+    with open(path) as f:
+        record = json.load(f)
+    if record["files"] != file_signature(files):
+        return False
+    check = duplicate_check(index, record["channels"])
+    if check["duplicate_of"] != record["duplicate_of"]:
+        print(f"[preprocess-unlabeled] {case}: now a copy of {check['duplicate_of'] or 'no case'} (was "
+              f"{record['duplicate_of'] or 'none'}): imagesTr/imagesTs changed", flush=True)
+    write_json_if_changed(path, {**record, **check})
+    return True
+
+
+def write_json_atomic(path: str, content: dict) -> None:
+    """Write JSON into place at once (a temporary file, then a rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_json_if_changed(path: str, content: dict) -> None:
+    """Write JSON atomically unless the file already holds exactly this content (keeps reruns side-effect free)."""
     if os.path.isfile(path):
         with open(path) as f:
             if json.load(f) == content:
                 return
-    with open(path, "w") as f:
-        json.dump(content, f, indent=2)
+    write_json_atomic(path, content)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,10 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (default 3d_fullres)")
     parser.add_argument("-p", "-plans_name", dest="plans", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("-np", type=int, default=1, help="processes (default 1)")
+    parser.add_argument("--accept-misaligned-channels", action="store_true",
+                        help="use cases whose channels differ in origin or direction (an error by default); the "
+                             "difference is written into the case's record in manifest/")
 
 
 def run(args: argparse.Namespace) -> int:
     """Preprocess and print the output folders."""
-    for configuration, out in preprocess_unlabeled(args.d, args.c, args.plans, args.np).items():
+    for configuration, out in preprocess_unlabeled(args.d, args.c, args.plans, args.np,
+                                                   args.accept_misaligned_channels).items():
         print(f"[preprocess-unlabeled] {configuration}: {out}")
     return 0
