@@ -246,6 +246,25 @@ def test_unexpected_label_value(msd_folder, tmp_path):
         msd.convert_msd_brain_tumour(folder, 1, tmp_path / "raw", test_size=0, num_processes=1)
 
 
+@pytest.mark.parametrize("damaged", ["imagesTr/BRATS_004.nii.gz", "labelsTr/BRATS_005.nii.gz"])
+def test_failing_conversion_leaves_no_partial_dataset_and_keeps_the_old_one(msd_folder, tmp_path, damaged):
+    def truncate(copy):
+        intact = (copy / damaged).read_bytes()
+        (copy / damaged).write_bytes(intact[: len(intact) // 2])  # SimpleITK would read the rest as 0
+
+    folder = _copy_with(msd_folder, tmp_path, truncate)
+    raw = tmp_path / "raw"
+    with pytest.raises(ValueError, match=f"{damaged}: truncated or damaged file"):
+        msd.convert_msd_brain_tumour(folder, 3, raw, test_size=0, num_processes=1)
+    assert list(raw.iterdir()) == []  # neither a partial dataset nor the staging folder
+    target = msd.convert_msd_brain_tumour(msd_folder, 3, raw, test_size=0, num_processes=1)
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=damaged):
+        msd.convert_msd_brain_tumour(folder, 3, raw, test_size=0, overwrite=True, num_processes=2)
+    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert [p.name for p in raw.iterdir()] == [target.name]
+
+
 def test_cli_hooks(msd_folder, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     msd.add_arguments(parser)

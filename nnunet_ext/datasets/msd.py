@@ -11,6 +11,12 @@ of size (x, y, z, channel). Output: ``$nnUNet_raw/Dataset{ID:03d}_BrainTumour`` 
 - ``imagesUnlabeled/``: MSD's unlabeled imagesTs, same channel naming;
 - ``dataset.json``: regions whole tumor {1,2,3}, tumor core {2,3}, enhancing tumor {3};
 - ``split.json``: which case went where, and how the test split was chosen.
+
+The dataset is written into a staging folder next to the target (``.Dataset{ID:03d}_BrainTumour.partial``)
+and moved into place only when complete, so a conversion that fails half-way leaves no partial dataset
+that nnU-Net could read, and an existing dataset replaced with ``--overwrite`` stays until then. Every
+image and label is checked before use (truncated or damaged files name themselves, see
+:mod:`nnunet_ext.images`).
 """
 
 import argparse
@@ -24,6 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+from nnunet_ext.images import read_image
 
 DATASET_NAME = "BrainTumour"
 FILE_ENDING = ".nii.gz"
@@ -136,7 +144,7 @@ def make_split(
 
 def split_channels(image_file: Path, num_channels: int) -> list[sitk.Image]:
     """Return the channels of a 4D (x, y, z, channel) image as 3D images with its spatial geometry."""
-    image = sitk.ReadImage(str(image_file))
+    image = read_image(image_file)
     if image.GetDimension() != 4 or image.GetSize()[3] != num_channels:
         raise ValueError(
             f"{image_file}: expected a 4D image of size (x, y, z, {num_channels}), got size {image.GetSize()}"
@@ -154,7 +162,7 @@ def split_channels(image_file: Path, num_channels: int) -> list[sitk.Image]:
 
 def read_label(label_file: Path, image_size: tuple[int, ...]) -> sitk.Image:
     """Read an MSD label map, check its values (0..3) and size, and return it as uint8."""
-    label = sitk.ReadImage(str(label_file))
+    label = read_image(label_file)
     if label.GetSize() != image_size:
         raise ValueError(f"{label_file}: size {label.GetSize()} differs from its image's {image_size}")
     values = np.unique(sitk.GetArrayViewFromImage(label))
@@ -216,20 +224,33 @@ def target_folder(dataset_id: int, raw_folder: str | Path | None) -> Path:
     return Path(raw) / f"Dataset{dataset_id:03d}_{DATASET_NAME}"
 
 
-def _prepare_target(target: Path, overwrite: bool) -> None:
-    """Create ``target`` empty; refuse a non-empty one unless ``overwrite``; refuse a reused dataset id."""
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse a reused dataset id, and a non-empty ``target`` unless ``overwrite``."""
     prefix = target.name.split("_")[0] + "_"
     others = sorted(p.name for p in target.parent.glob(f"{prefix}*") if p.name != target.name)
     if others:
         raise FileExistsError(
             f"dataset id of {target.name} is already used by {others} in {target.parent}; pick another -d"
         )
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(target)
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUnlabeled"):
-        (target / sub).mkdir(parents=True, exist_ok=True)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass --overwrite to replace it")
+
+
+def staging_folder(target: Path) -> Path:
+    """Where the dataset is written until it is complete (hidden, so nnU-Net never takes it for a dataset)."""
+    return target.parent / f".{target.name}.partial"
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Replace ``target`` (if any) by the complete ``staging`` folder."""
+    if target.exists():
+        replaced = target.parent / f".{target.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        target.rename(replaced)
+        staging.rename(target)
+        shutil.rmtree(replaced)
+    else:
+        staging.rename(target)
 
 
 def _write_dataset_json(target: Path, msd: dict, num_training: int) -> None:
@@ -267,28 +288,38 @@ def convert_msd_brain_tumour(
     test_ids_file = Path(test_ids_file) if test_ids_file is not None else None
     train, test, provenance = make_split(sorted(labeled), test_size, seed, test_ids_file)
     target = target_folder(dataset_id, raw_folder)
-    _prepare_target(target, overwrite)
+    _check_target(target, overwrite)
+    staging = staging_folder(target)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a conversion that was killed
+    try:
+        _convert_into(staging, msd, labeled, unlabeled, train, test, {**provenance, "msd_folder": str(msd_folder)},
+                      num_processes)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _move_into_place(staging, target)
+    return target
+
+
+def _convert_into(folder: Path, msd: dict, labeled: dict[str, tuple[Path, Path]], unlabeled: dict[str, Path],
+                  train: list[str], test: list[str], provenance: dict, num_processes: int) -> None:
+    """Write every case, dataset.json and split.json into ``folder``."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUnlabeled"):
+        (folder / sub).mkdir(parents=True)
     num_channels = len(msd["modality"])
     for what, ids, image_dir, label_dir in (
         ("training cases", train, "imagesTr", "labelsTr"),
         ("test cases", test, "imagesTs", "labelsTs"),
     ):
-        jobs = [(i, *labeled[i], target / image_dir, target / label_dir, num_channels) for i in ids]
+        jobs = [(i, *labeled[i], folder / image_dir, folder / label_dir, num_channels) for i in ids]
         _run_jobs(jobs, num_processes, what)
     jobs = [
-        (i, unlabeled[i], None, target / "imagesUnlabeled", None, num_channels) for i in sorted(unlabeled)
+        (i, unlabeled[i], None, folder / "imagesUnlabeled", None, num_channels) for i in sorted(unlabeled)
     ]
     _run_jobs(jobs, num_processes, "unlabeled cases")
-    _write_dataset_json(target, msd, len(train))
-    split = {
-        "train": train,
-        "test": test,
-        "unlabeled": sorted(unlabeled),
-        **provenance,
-        "msd_folder": str(msd_folder),
-    }
-    (target / "split.json").write_text(json.dumps(split, indent=2))
-    return target
+    _write_dataset_json(folder, msd, len(train))
+    split = {"train": train, "test": test, "unlabeled": sorted(unlabeled), **provenance}
+    (folder / "split.json").write_text(json.dumps(split, indent=2))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
