@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from nnunet_ext.datasets.synthetic import make_case, make_demo_dataset
@@ -23,17 +24,34 @@ def test_case_labels_nested_and_channels_informative():
 def test_dataset_is_deterministic_and_passes_nnunet_integrity_check(tmp_path):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-    a = make_demo_dataset(901, str(tmp_path / "a"), num_train=4, num_test=2, num_unlabeled=2,
+    a = make_demo_dataset(901, str(tmp_path / "a"), num_train=5, num_test=2, num_unlabeled=2,
                           shape=(24, 24, 24), seed=5, verbose=False)
-    b = make_demo_dataset(901, str(tmp_path / "b"), num_train=4, num_test=2, num_unlabeled=2,
+    b = make_demo_dataset(901, str(tmp_path / "b"), num_train=5, num_test=2, num_unlabeled=2,
                           shape=(24, 24, 24), seed=5, verbose=False)
     verify_dataset_integrity(a, num_processes=1)
     ds = json.load(open(os.path.join(a, "dataset.json")))
     assert ds["labels"]["tumor core"] == [2, 3] and ds["regions_class_order"] == [1, 2, 3]
     ids = {split: sorted({f[:8] for f in os.listdir(os.path.join(a, split))})
            for split in ("imagesTr", "imagesTs", "imagesUnlabeled")}
-    assert sum(map(len, ids.values())) == len(set().union(*map(set, ids.values()))) == 8
+    assert sum(map(len, ids.values())) == len(set().union(*map(set, ids.values()))) == 9
     assert sorted(os.listdir(os.path.join(a, "labelsTs"))) == [f"{i}.nii.gz" for i in ids["imagesTs"]]
     for rel in ("imagesTr/DEMO_000_0002.nii.gz", "labelsTr/DEMO_003.nii.gz"):
         x, y = (sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(d, rel))) for d in (a, b))
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"num_test": -1}, "--num-test must be >= 0, got -1"),
+    ({"num_unlabeled": -2}, "--num-unlabeled must be >= 0, got -2"),
+    ({"shape": (0, 4, 4)}, "--shape needs 3 sizes >= 16 voxels \\(Z Y X\\), got 0 4 4"),
+    ({"num_train": 2}, "--num-train must be >= 5 \\(nnU-Net's 5-fold split"),
+    ({"spacing": (1.0, 0.0, 1.0)}, "--spacing needs 3 positive sizes"),
+    ({"dataset_id": 1000}, "-d must lie in 1..999, got 1000"),
+    ({"seed": -1}, "--seed must lie in 0..2\\*\\*32-1"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, arguments, message):
+    kwargs = {"dataset_id": 902, "raw_folder": str(tmp_path), "num_train": 5, "num_test": 0, "num_unlabeled": 0,
+              "shape": (16, 16, 16), "verbose": False, **arguments}
+    with pytest.raises(ValueError, match=message):
+        make_demo_dataset(**kwargs)
+    assert list(tmp_path.iterdir()) == []  # nothing that would block the corrected rerun

@@ -82,6 +82,30 @@ def _write(array: np.ndarray, path: str, spacing: Sequence[float]) -> None:
     sitk.WriteImage(img, path, useCompression=True)
 
 
+MIN_TRAIN = 5  # nnU-Net's default split is 5 folds, one case per fold at least
+MIN_EDGE = 16  # voxels per axis; smaller volumes leave no room for a tumour
+
+
+def check_arguments(dataset_id: int, num_train: int, num_test: int, num_unlabeled: int, shape: Sequence[int],
+                    spacing: Sequence[float], seed: int) -> None:
+    """Raise ValueError naming the first argument that would fail later (or write a useless dataset)."""
+    problems = [
+        (not 1 <= dataset_id <= 999, f"-d must lie in 1..999, got {dataset_id}"),
+        (num_train < MIN_TRAIN, f"--num-train must be >= {MIN_TRAIN} (nnU-Net's 5-fold split needs a case per "
+                                f"fold), got {num_train}"),
+        (num_test < 0, f"--num-test must be >= 0, got {num_test}"),
+        (num_unlabeled < 0, f"--num-unlabeled must be >= 0, got {num_unlabeled}"),
+        (len(shape) != 3 or min(shape) < MIN_EDGE, f"--shape needs 3 sizes >= {MIN_EDGE} voxels (Z Y X), got "
+                                                   f"{' '.join(map(str, shape))}"),
+        (len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0,
+         f"--spacing needs 3 positive sizes in mm (Z Y X), got {' '.join(map(str, spacing))}"),
+        (not 0 <= seed < 2**32, f"--seed must lie in 0..2**32-1, got {seed}"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ValueError(f"make-demo-dataset: {message}.")
+
+
 def make_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, raw_folder: str | None = None,
                       num_train: int = 20, num_test: int = 8, num_unlabeled: int = 16,
                       shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -92,8 +116,7 @@ def make_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, raw_folder: str | No
     raw_folder = raw_folder or os.environ.get("nnUNet_raw")
     if not raw_folder:
         raise ValueError("No raw folder: set nnUNet_raw or pass raw_folder / --raw.")
-    if num_train < 2:
-        raise ValueError(f"num_train must be >= 2 (nnU-Net needs a split), got {num_train}.")
+    check_arguments(dataset_id, num_train, num_test, num_unlabeled, shape, spacing, seed)
     folder = os.path.join(raw_folder, f"Dataset{dataset_id:03d}_{DEFAULT_NAME}")
     if os.path.exists(folder) and os.listdir(folder):
         if not overwrite:
