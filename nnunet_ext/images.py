@@ -37,10 +37,15 @@ def check_file(path: str | Path) -> None:
         _check_gipl(path)
 
 
+def error_text(error: Exception, limit: int = 200) -> str:
+    """``Type: message`` of a library's exception on one line (ITK's span several), at most ``limit`` characters."""
+    text = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _damaged(path: str, error: Exception) -> ValueError:
     """The error for a file that cannot be read completely."""
-    return ValueError(f"{path}: truncated or damaged file ({type(error).__name__}: {error}); "
-                      f"copy or export it again.")
+    return ValueError(f"{path}: truncated or damaged file ({error_text(error)}); copy or export it again.")
 
 
 def _check_nifti(path: str) -> None:
@@ -127,8 +132,8 @@ class Geometry:
 
 
 def _short(values: tuple) -> str:
-    """A tuple with at most 6 significant digits per number."""
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+    """A tuple with at most 6 significant digits per number (and no -0)."""
+    return "(" + ", ".join(f"{v + 0.0:.6g}" for v in values) + ")"
 
 
 def read_geometry(path: str | Path) -> Geometry:

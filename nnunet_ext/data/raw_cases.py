@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nnunet_ext.images import Geometry, check_file, read_geometry
+from nnunet_ext.images import Geometry, check_file, error_text, read_geometry
 
 
 def raw_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, list[str]]:
@@ -73,7 +73,7 @@ def load_checked(image_files: list[str], reader, dimension: int | None = None,
         try:
             data, props = reader.read_images([f])
         except Exception as e:  # any reader failure: name the file
-            raise ValueError(f"{f}: cannot be read as an image ({type(e).__name__}: {e}).") from e
+            raise ValueError(f"{f}: cannot be read as an image ({error_text(e)}).") from e
         if not np.isfinite(data).all():
             raise ValueError(f"{f}: contains NaN or infinite voxels; fix or remove this image.")
         if geometries:

@@ -103,7 +103,7 @@ def check_arguments(dataset_id: int, num_train: int, num_test: int, num_unlabele
     ]
     for failed, message in problems:
         if failed:
-            raise ValueError(f"make-demo-dataset: {message}.")
+            raise ValueError(f"{message}.")
 
 
 def make_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, raw_folder: str | None = None,
