@@ -6,6 +6,11 @@ import argparse
 import importlib
 import sys
 
+# Expected user errors: what our validation of arguments, files and folders raises, with a one-line message
+# that names what is wrong and how to fix it. The command prints that line only and exits with 2. Any other
+# exception is a bug and keeps its traceback (exit 1). --debug shows the traceback of user errors too (e.g.
+# for a ValueError that comes from inside a library rather than from our checks).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 # subcommand -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("nnunet_ext.commands.env", "print the export line that lets nnU-Net find our trainers"),
@@ -32,6 +37,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="show the traceback of every error")
         p.set_defaults(_module=module)
     return parser
 
@@ -41,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    return args._module.run(args) or 0
+    try:
+        return args._module.run(args) or 0
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"nnunet-ext {args.command}: error: {error} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
