@@ -9,7 +9,11 @@ trainer name such as ``CPCSegTrainer_6labels_300epochs``, trained fold by fold w
 ``--unlabeled``), ``study_status.json``, ``logs/`` and ``predictions/<trainer>/folds_<F>/``.
 
 Resumable: trained folds are skipped, an interrupted training resumes (``--c``), a cell whose
-evaluation summary exists is not predicted again. A failing cell is logged (with its log file),
+evaluation summary exists is not predicted again. Before predicting, every test image is checked
+(:func:`nnunet_ext.images.check_file`) and every prediction left by an earlier run is reused only when it
+is readable, complete, on its input image's voxel grid, holds only dataset.json labels and is newer than
+its input images and the checkpoints; any other is moved to ``rejected/`` in the prediction folder and
+predicted again. A failing cell is logged (with its log file),
 recorded as failed in ``study_status.json``, and the grid goes on; the exit code is 1 if any cell
 failed. ``--dispatch print`` prints the remaining commands (train per fold, predict, evaluate) one per
 line for any scheduler; ``--dispatch submitit`` submits the remaining training folds as SLURM jobs
@@ -164,6 +168,7 @@ def run_cell(study: Study, cell: Cell, progress: str) -> dict:
         if os.path.isfile(study.summary_path(cell)):
             log(f"{cell.trainer}: already evaluated, skipping prediction", progress)
             return {"state": "done", "summary": study.summary_path(cell)}
+        reject_stale_predictions(study, cell, progress)
         log_path = study.experiment.predict_log(cell.trainer)
         log(f"{cell.trainer}: predicting imagesTs with folds {' '.join(map(str, study.folds))}", progress)
         pipeline.run_command(study.predict_command(cell), study.experiment.env, log_path, echo=False)
@@ -175,6 +180,53 @@ def run_cell(study: Study, cell: Cell, progress: str) -> dict:
         return {"state": "failed", "error": str(error), "log": log_path}
     log(f"{cell.trainer}: done", progress)
     return {"state": "done", "summary": study.summary_path(cell)}
+
+
+def reject_stale_predictions(study: Study, cell: Cell, progress: str) -> None:
+    """Check the test images, then move every earlier prediction of the cell that must not be reused into
+    ``rejected/`` (``nnUNetv2_predict --continue_prediction`` would keep it), saying why."""
+    from nnunet_ext.data.raw_cases import raw_cases
+    from nnunet_ext.evaluation import evaluate
+    from nnunet_ext.images import check_file
+
+    dataset = evaluate.load_dataset_json(os.path.join(study.raw, "dataset.json"))
+    ending = dataset["file_ending"]
+    inputs = raw_cases(os.path.join(study.raw, "imagesTs"), ending, len(dataset["channel_names"]))
+    for files in inputs.values():
+        for f in files:
+            check_file(f)
+    folder = study.prediction_folder(cell)
+    predictions = sorted(f for f in os.listdir(folder) if f.endswith(ending)) if os.path.isdir(folder) else []
+    values = evaluate.label_values(evaluate.regions_from_dataset_json(dataset), dataset["labels"].get("ignore"))
+    checkpoints = [os.path.join(study.experiment.result_folder(cell.trainer), f"fold_{fold}", "checkpoint_final.pth")
+                   for fold in study.folds]
+    for name in predictions:
+        path, case = os.path.join(folder, name), name[:-len(ending)]
+        reason = _stale_reason(path, inputs.get(case), checkpoints, values)
+        if reason:
+            os.makedirs(os.path.join(folder, "rejected"), exist_ok=True)
+            os.replace(path, os.path.join(folder, "rejected", name))
+            log(f"{cell.trainer}: predicting {case} again ({reason}; moved to rejected/)", progress)
+
+
+def _stale_reason(path: str, inputs: list[str] | None, checkpoints: list[str], values: set[int]) -> str | None:
+    """Why an earlier prediction must not be reused, or None when it may."""
+    from nnunet_ext.evaluation.evaluate import read_label_map
+    from nnunet_ext.images import read_geometry
+
+    if inputs is None:
+        return "no such case in imagesTs"
+    newer = [f for f in inputs + checkpoints if os.path.isfile(f) and os.path.getmtime(f) > os.path.getmtime(path)]
+    if newer:
+        return f"older than {newer[0]}"
+    try:
+        differences = read_geometry(path).differences(read_geometry(inputs[0]))
+        if differences:
+            return f"{'; '.join(differences)} of its input {inputs[0]}"
+        read_label_map(path, values)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def update_status(path: str, cell: Cell, folds: list[int], entry: dict) -> None:
@@ -442,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
         # with --dispatch print, stdout carries only the commands
         with contextlib.redirect_stdout(sys.stderr) if args.dispatch == "print" else contextlib.nullcontext():
             study = make_study(args)
-    except (ValueError, ImportError, RuntimeError) as error:  # RuntimeError: cpu-smoke data preparation
+    except (ImportError, RuntimeError) as error:  # submitit missing; cpu-smoke data preparation failed (its log)
         raise SystemExit(f"nnunet-ext study: {error}") from error
     if args.dispatch == "print":
         return print_commands(study, cells)

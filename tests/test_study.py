@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,30 +117,36 @@ def test_unknown_and_unimplemented_bases_are_rejected(monkeypatch):
         build_grid(["EncDec"], [0])
 
 
+def user_error(capsys, *argv: str) -> str:
+    """Run ``nnunet-ext study`` expecting a user error: exit code 2 and one line on stderr; return that line."""
+    assert study(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nnunet-ext study: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
 def test_cli_errors_name_the_argument(fake_nnunet, monkeypatch, capsys):
-    with pytest.raises(SystemExit, match="'Foo' is not a trainer base"):
-        study("--trainers", "Foo", "--labels", "3")
-    with pytest.raises(SystemExit, match="--labels required"):
-        study("--trainers", "EncDec")
+    assert "'Foo' is not a trainer base" in user_error(capsys, "--trainers", "Foo", "--labels", "3")
+    assert "--labels required" in user_error(capsys, "--trainers", "EncDec")
     with pytest.raises(SystemExit):
         study("--trainers", "EncDec", "--labels", "0")
     assert "argument --labels: must be a positive integer, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--num-gpus 2 needs --device cuda"):
-        study("--trainers", "EncDec", "--labels", "3", "--num-gpus", "2", "--device", "cpu")
-    with pytest.raises(SystemExit, match="-p OtherPlans: .*OtherPlans.json does not exist"):
-        study("--trainers", "EncDec", "--labels", "3", "-p", "OtherPlans")
-    with pytest.raises(SystemExit, match="-d 43: expected one Dataset043_"):
-        cli.main(["study", "-d", "43", "--trainers", "EncDec", "--labels", "3"])
+    assert "--num-gpus 2 needs --device cuda" in user_error(capsys, "--trainers", "EncDec", "--labels", "3",
+                                                            "--num-gpus", "2", "--device", "cpu")
+    assert re.search("-p OtherPlans: .*OtherPlans.json does not exist",
+                     user_error(capsys, "--trainers", "EncDec", "--labels", "3", "-p", "OtherPlans"))
+    assert cli.main(["study", "-d", "43", "--trainers", "EncDec", "--labels", "3"]) == 2
+    assert "-d 43: expected one Dataset043_" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="-d 43: expected one Dataset043_"):  # --debug: the traceback
+        cli.main(["study", "-d", "43", "--trainers", "EncDec", "--labels", "3", "--debug"])
     monkeypatch.delenv("nnUNet_results")
-    with pytest.raises(SystemExit, match="set nnUNet_results"):
-        study("--trainers", "EncDec", "--labels", "3")
+    assert "set nnUNet_results" in user_error(capsys, "--trainers", "EncDec", "--labels", "3")
     assert fake_nnunet.calls == []
 
 
-def test_missing_test_labels_are_an_error(fake_nnunet):
+def test_missing_test_labels_are_an_error(fake_nnunet, capsys):
     shutil.rmtree(fake_nnunet.raw / "labelsTs")
-    with pytest.raises(SystemExit, match="no labelsTs/"):
-        study("--trainers", "EncDec", "--labels", "3")
+    assert "no labelsTs/" in user_error(capsys, "--trainers", "EncDec", "--labels", "3")
 
 
 def test_preset_fills_only_unset_options():
@@ -237,6 +244,65 @@ def test_crashed_cell_is_reported_others_continue_and_rerun_skips(fake_nnunet, c
     assert "EncDecTrainer_2labels: already evaluated, skipping prediction" in capsys.readouterr().out
 
 
+def test_rerun_predicts_again_what_is_not_valid_and_reuses_the_rest(fake_nnunet, monkeypatch, capsys):
+    written, crash = [], [True]
+    train = pipeline.run_command
+
+    def run_command(cmd: list[str], env: dict[str, str], log_path: str, echo: bool = True) -> None:
+        """Training as the fake; prediction as --continue_prediction: only cases without an output file."""
+        if cmd[0] != "nnUNetv2_predict":
+            return train(cmd, env, log_path, echo)
+        out = cmd[cmd.index("-o") + 1]
+        os.makedirs(out, exist_ok=True)
+        for case in ("FAKE_0", "FAKE_1"):
+            if not os.path.isfile(os.path.join(out, f"{case}.nii.gz")):
+                data = (fake_nnunet.raw / "labelsTs" / f"{case}.nii.gz").read_bytes()
+                if crash[0] and case == "FAKE_1":  # killed while writing this file
+                    data = data[: len(data) // 2]
+                with open(os.path.join(out, f"{case}.nii.gz"), "wb") as f:
+                    f.write(data)
+                written.append(case)
+        if crash[0]:
+            raise RuntimeError(f"command failed (exit 1): {' '.join(cmd)}; see {log_path}")
+
+    monkeypatch.setattr(pipeline, "run_command", run_command)
+    grid = ("--trainers", "EncDec", "--labels", "3", "--folds", "0")
+    predictions = fake_nnunet.output / "predictions" / "EncDecTrainer_3labels" / "folds_0"
+    assert study(*grid) == 1 and written == ["FAKE_0", "FAKE_1"]
+    crash[0] = False
+    written.clear()
+    assert study(*grid) == 0
+    assert written == ["FAKE_1"]  # the truncated prediction is made again, the complete one reused
+    out = capsys.readouterr().out
+    assert "predicting FAKE_1 again (" in out and "FAKE_1.nii.gz: truncated or damaged file" in out
+    assert (predictions / "rejected" / "FAKE_1.nii.gz").is_file()
+    summary = json.loads((predictions / "summary_brats.json").read_text())
+    assert summary["foreground_mean"]["Dice"] == 1.0
+
+    # an input image fixed after its prediction, and a prediction off its image's grid: both made again
+    os.remove(predictions / "summary_brats.json")
+    later = os.path.getmtime(predictions / "FAKE_0.nii.gz") + 10
+    os.utime(fake_nnunet.raw / "imagesTs" / "FAKE_0_0000.nii.gz", (later, later))
+    flipped = sitk.ReadImage(str(predictions / "FAKE_1.nii.gz"))
+    flipped.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    sitk.WriteImage(flipped, str(predictions / "FAKE_1.nii.gz"))
+    written.clear()
+    assert study(*grid) == 0 and written == ["FAKE_0", "FAKE_1"]
+    out = capsys.readouterr().out
+    assert "predicting FAKE_0 again (older than " in out and "FAKE_0_0000.nii.gz" in out
+    assert "predicting FAKE_1 again (direction (-1, 0, 0, 0, 1, 0, 0, 0, 1) vs (1, 0, 0, 0, 1, 0, 0, 0, 1)" in out
+
+
+def test_damaged_test_image_fails_the_cell_naming_it(fake_nnunet, capsys):
+    image = fake_nnunet.raw / "imagesTs" / "FAKE_1_0000.nii.gz"
+    image.write_bytes(image.read_bytes()[:-20])  # nnU-Net would predict from zeros
+    assert study("--trainers", "EncDec", "--labels", "3", "--folds", "0") == 1
+    assert "EncDecTrainer_3labels: FAILED: " in capsys.readouterr().out
+    status = json.loads((fake_nnunet.output / "study_status.json").read_text())
+    assert "FAKE_1_0000.nii.gz: truncated or damaged file" in status["EncDecTrainer_3labels"]["error"]
+    assert not [c for c in fake_nnunet.calls if c[0] == "nnUNetv2_predict"]
+
+
 def test_report_says_how_many_unlabeled_images_each_fold_used(fake_nnunet, ss_base):
     assert study("--trainers", "EncDec", ss_base, "--labels", "3", "--folds", "0", "1") == 0
     table = (fake_nnunet.output / "results.md").read_text()
@@ -298,9 +364,9 @@ def test_submitit_submits_each_pending_training_fold(fake_nnunet, monkeypatch):
     assert fake_nnunet.calls == []
 
 
-def test_bad_slurm_parameter_is_an_error(fake_nnunet):
-    with pytest.raises(SystemExit, match="--slurm: expected KEY=VALUE"):
-        study("--trainers", "EncDec", "--labels", "3", "--slurm", "timeout_min")
+def test_bad_slurm_parameter_is_an_error(fake_nnunet, capsys):
+    assert "--slurm: expected KEY=VALUE" in user_error(capsys, "--trainers", "EncDec", "--labels", "3", "--slurm",
+                                                       "timeout_min")
 
 
 @pytest.mark.slow
