@@ -15,9 +15,11 @@ from nnunet_ext.branches import (
     boundary_beta,
     boundary_targets,
     cpc_grid,
+    cpc_layout,
     extract_subpatches,
     info_nce,
     kl_standard_normal,
+    prediction_axis,
     soft_dice_loss,
     weighted_bce,
 )
@@ -92,18 +94,61 @@ def test_soft_dice_hand_value():
     assert soft_dice_loss(probs, target).item() == pytest.approx(1 - 2 / 2.25, rel=1e-6)
 
 
-@pytest.mark.parametrize(("size", "grid"), [(48, 2), (64, 3), (144, 8), (128, 7), (50, 2)])
+@pytest.mark.parametrize(("size", "grid"), [(32, 1), (48, 2), (64, 3), (144, 8), (128, 7), (50, 2)])
 def test_cpc_grid_sizes(size, grid):
-    assert cpc_grid((size, 48)) == (grid, 2)
+    assert cpc_grid((size, 64)) == (grid, 3)
 
 
 def test_cpc_grid_of_paper_crop():
     assert cpc_grid((144, 144, 128)) == (8, 8, 7)
 
 
-def test_cpc_grid_rejects_small_axis_with_clear_message():
-    with pytest.raises(ValueError, match=r"at least 48.*axis 1.*\(64, 40, 64\)"):
-        cpc_grid((64, 40, 64))
+def test_cpc_grid_rejects_small_patches_with_clear_message():
+    with pytest.raises(ValueError, match=r"at least 32 voxels on every axis.*axis 1.*\(64, 20, 64\)"):
+        cpc_grid((64, 20, 64))
+    with pytest.raises(ValueError, match=r"64 voxels along one axis.*\(48, 48, 48\) has none"):
+        cpc_grid((48, 48, 48))
+
+
+@pytest.mark.parametrize(("grid", "axis"), [((8, 8, 7), 2), ((2, 2, 3), 2), ((3, 5, 2), 1), ((5, 3, 2), 0),
+                                            ((4, 4, 2), 1), ((1, 3), 1)])
+def test_prediction_axis_is_the_last_or_else_the_longest(grid, axis):
+    assert prediction_axis(grid) == axis
+
+
+@pytest.mark.parametrize(("g", "layout"), [(3, (1, 2)), (4, (1, 3)), (7, (3, 4)), (8, (3, 5))])
+def test_cpc_layout_hand_values(g, layout):
+    assert cpc_layout(g) == layout
+
+
+@pytest.mark.parametrize("g", range(3, 10))
+def test_no_context_subpatch_shares_a_voxel_with_a_target(g, monkeypatch):
+    """From what grid_loss really feeds the context network and scores as positives: the voxel ranges
+    [16 p, 16 p + 32) of context and target positions along the prediction axis are disjoint."""
+    import nnunet_ext.branches.cpc as cpc
+
+    seen = {}
+
+    class Spy(nn.Module):
+        def forward(self, z):
+            seen["context"] = z
+            return z
+
+    def capture(pred, z, positive):
+        seen["positive"] = positive
+        return pred.sum() * 0
+
+    monkeypatch.setattr(cpc, "info_nce", capture)
+    branch = CPCBranch(EncoderSpec(nn.Conv3d, (4,), ((1, 1, 1),), ((3, 3, 3),), GroupNorm), n_blocks=1)
+    branch.context = Spy()
+    z = torch.arange(2 * g, dtype=torch.float32).view(1, 1, 2, g)  # each vector holds its flat grid index
+    branch.grid_loss(z)
+    context_positions = {int(v) % g for v in seen["context"].flatten()}
+    target_positions = {int(i) % g for i in seen["positive"]}
+    assert context_positions and target_positions and len(seen["positive"]) == 2 * len(context_positions)
+    context_voxels = {v for p in context_positions for v in range(16 * p, 16 * p + 32)}
+    target_voxels = {v for p in target_positions for v in range(16 * p, 16 * p + 32)}
+    assert not context_voxels & target_voxels, (g, context_positions, target_positions)
 
 
 def test_subpatches_are_row_major_crops():
@@ -123,10 +168,10 @@ def test_grid_loss_equals_cross_entropy_built_by_hand():
     torch.manual_seed(0)
     spec = EncoderSpec(nn.Conv3d, (4,), ((1, 1, 1),), ((3, 3, 3),), GroupNorm)
     branch = CPCBranch(spec, n_blocks=2)
-    z = torch.randn(2, 4, 2, 3, 5)  # last axis g = 5: context positions 0..2, targets 3..4
+    z = torch.randn(2, 4, 2, 3, 5)  # last axis g = 5: context positions 0..1, 2 skipped, targets 3..4
     with torch.no_grad():
         loss = branch.grid_loss(z)
-        context = branch.context(z[..., :3])
+        context = branch.context(z[..., :2])
     flat = z.flatten(2)
     losses = []
     for b in range(2):

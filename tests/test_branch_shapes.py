@@ -13,10 +13,10 @@ from nnunet_ext.branches import BoundaryBranch, CPCBranch, GroupNorm, VAEBranch,
 
 IN_CHANNELS, NUM_TARGETS = 2, 3
 ARCHS = {  # name: (unet class, conv_op, strides, kernel sizes, patch for VAE/boundary, patch for CPC)
-    "plain3d": (PlainConvUNet, nn.Conv3d, [1, 2, 2, 2], 3, (16, 16, 16), (48, 48, 48)),
-    "residual3d": (ResidualEncoderUNet, nn.Conv3d, [1, 2, 2, 2], 3, (16, 16, 16), (48, 48, 48)),
+    "plain3d": (PlainConvUNet, nn.Conv3d, [1, 2, 2, 2], 3, (16, 16, 16), (48, 48, 64)),
+    "residual3d": (ResidualEncoderUNet, nn.Conv3d, [1, 2, 2, 2], 3, (16, 16, 16), (32, 48, 64)),
     "anisotropic3d": (PlainConvUNet, nn.Conv3d, [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
-                      [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]], (8, 16, 24), (48, 64, 48)),
+                      [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]], (8, 16, 24), (48, 64, 48)),  # predicts along y
     "plain2d": (PlainConvUNet, nn.Conv2d, [1, 2, 2, 2], 3, (32, 32), (48, 64)),
 }
 
@@ -98,12 +98,20 @@ def test_boundary_branch_refuses_unlabeled_samples():
 
 def test_cpc_warns_on_instancenorm_encoder_only():
     with pytest.warns(UserWarning, match="nnunet_ext.branches.blocks.GroupNorm"):
-        CPCBranch.from_encoder(build_encoder("plain3d"), (48, 48, 48), IN_CHANNELS, NUM_TARGETS)
+        CPCBranch.from_encoder(build_encoder("plain3d"), (48, 48, 64), IN_CHANNELS, NUM_TARGETS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        CPCBranch.from_encoder(build_encoder("plain3d", GroupNorm), (48, 48, 64), IN_CHANNELS, NUM_TARGETS)
+    with pytest.raises(ValueError, match=r"64 voxels along one axis.*\(48, 48, 48\).*along the last axis \(axis 2\)"):
         CPCBranch.from_encoder(build_encoder("plain3d", GroupNorm), (48, 48, 48), IN_CHANNELS, NUM_TARGETS)
-    with pytest.raises(ValueError, match="at least 48"):
-        CPCBranch.from_encoder(build_encoder("plain3d", GroupNorm), (48, 32, 48), IN_CHANNELS, NUM_TARGETS)
+
+
+def test_cpc_description_names_the_prediction_axis_and_positions():
+    branch = CPCBranch.from_encoder(build_encoder("plain3d", GroupNorm), (48, 64, 48), IN_CHANNELS, NUM_TARGETS)
+    assert branch.description((48, 64, 48)) == (
+        "sub-patch grid (2, 3, 2) (32-voxel sub-patches, stride 16), prediction axis 1: context positions 0-0, "
+        "skipped 1, targets 2-2; 12 candidates per prediction (chance 2.485)")
+    assert "prediction axis 2: context positions 0-2, skipped 3, targets 4-6" in branch.description((144, 144, 128))
 
 
 def test_cpc_chunked_checkpointing_matches_single_call():
@@ -123,8 +131,8 @@ def test_cpc_chunked_checkpointing_matches_single_call():
 
 
 def test_cpc_gradient_reaches_every_grid_vector():
-    branch = CPCBranch.from_encoder(build_encoder("plain3d", GroupNorm), (48, 48, 48), IN_CHANNELS, NUM_TARGETS)
-    z = torch.randn(2, 64, 2, 3, 4, requires_grad=True)
+    branch = CPCBranch.from_encoder(build_encoder("plain3d", GroupNorm), (48, 48, 64), IN_CHANNELS, NUM_TARGETS)
+    z = torch.randn(2, 64, 2, 3, 4, requires_grad=True)  # context 0, skipped 1-2, target 3: all are candidates
     branch.grid_loss(z).backward()
     assert (z.grad.abs().sum(dim=(0, 1)) > 0).all()
     assert branch.context[-1].weight.grad.abs().sum() > 0

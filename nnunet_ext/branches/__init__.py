@@ -9,7 +9,7 @@ from nnunet_ext.branches.boundary import (
     soft_dice_loss,
     weighted_bce,
 )
-from nnunet_ext.branches.cpc import CPCBranch, cpc_grid, extract_subpatches, info_nce
+from nnunet_ext.branches.cpc import CPCBranch, cpc_grid, cpc_layout, extract_subpatches, info_nce, prediction_axis
 from nnunet_ext.branches.vae import VAEBranch, kl_standard_normal
 
 __all__ = [
@@ -23,9 +23,11 @@ __all__ = [
     "boundary_beta",
     "boundary_targets",
     "cpc_grid",
+    "cpc_layout",
     "extract_subpatches",
     "info_nce",
     "kl_standard_normal",
+    "prediction_axis",
     "soft_dice_loss",
     "weighted_bce",
 ]

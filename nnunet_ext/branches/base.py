@@ -32,6 +32,11 @@ class Branch(nn.Module):
         """Build the branch for ``encoder`` and training crops of ``patch_size``."""
         raise NotImplementedError
 
+    def description(self, patch_size: Sequence[int]) -> str:
+        """A line for the training log saying what the branch does on crops of ``patch_size`` ('' if nothing
+        beyond its arguments)."""
+        return ""
+
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], target: torch.Tensor | None,
                 encoder: nn.Module) -> torch.Tensor:
         """Return the weighted branch loss (float32 scalar)."""

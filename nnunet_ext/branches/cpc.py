@@ -17,15 +17,56 @@ from nnunet_ext.branches.blocks import EncoderSpec, ResBlock, conv1x1
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
+MIN_PREDICTION_POSITIONS = 3  # context, at least one skipped position, target
+
+
 def cpc_grid(patch_size: Sequence[int], size: int = 32, stride: int = 16) -> tuple[int, ...]:
-    """Sub-patch grid per axis, ``(S - size) // stride + 1``, anchored at 0 (a remainder at the end is ignored)."""
-    minimum = size + stride
+    """Sub-patch grid per axis, ``(S - size) // stride + 1``, anchored at 0 (a remainder at the end is ignored).
+
+    Every axis needs ``size`` voxels; one axis (see :func:`prediction_axis`) needs
+    ``size + 2 * stride`` (64 voxels) for three positions.
+    """
+    grid = []
     for axis, s in enumerate(patch_size):
-        if s < minimum:
-            raise ValueError(f"CPC needs at least {minimum} voxels on every axis (two {size}-voxel sub-patches "
-                             f"with stride {stride}), but axis {axis} of patch size {tuple(patch_size)} has {s}; "
-                             f"plan a patch size of at least {minimum} per axis")
-    return tuple((int(s) - size) // stride + 1 for s in patch_size)
+        if s < size:
+            raise ValueError(f"CPC needs at least {size} voxels on every axis (one {size}-voxel sub-patch), but "
+                             f"axis {axis} of patch size {tuple(patch_size)} has {s}; plan a patch of at least "
+                             f"{size} per axis and {size + 2 * stride} along one axis")
+        grid.append((int(s) - size) // stride + 1)
+    prediction_axis(grid, patch_size, size, stride)
+    return tuple(grid)
+
+
+def prediction_axis(grid: Sequence[int], patch_size: Sequence[int] | None = None, size: int = 32,
+                    stride: int = 16) -> int:
+    """The grid axis CPC predicts along: the last one (as in the paper) when it has at least 3 positions,
+    else the longest axis that has; ValueError when none has (``patch_size`` only words the message)."""
+    if grid[-1] >= MIN_PREDICTION_POSITIONS:
+        return len(grid) - 1
+    long_enough = [a for a, g in enumerate(grid) if g >= MIN_PREDICTION_POSITIONS]
+    if not long_enough:
+        patch = f"patch size {tuple(patch_size)}" if patch_size is not None else f"sub-patch grid {tuple(grid)}"
+        raise ValueError(
+            f"CPC needs {size + 2 * stride} voxels along one axis (its prediction axis: three {size}-voxel sub-patches "
+            f"with stride {stride}, so that no context sub-patch shares a voxel with a target) and {size} on the "
+            f"others, but {patch} has none; plan a patch of at least {size + 2 * stride} voxels along the last axis "
+            f"(axis {len(grid) - 1})")
+    return max(long_enough, key=lambda a: (grid[a], a))
+
+
+def cpc_layout(g: int) -> tuple[int, int]:
+    """(h, offset) on a prediction axis of ``g`` positions: context = positions ``0 .. h-1``, targets =
+    ``offset .. g-1`` with ``h = (g - 1) // 2`` and ``offset = g - h``; the context output at position ``k``
+    predicts position ``k + offset``.
+
+    At least one position (``g - 2h``) lies between the last context and the first target, so with
+    ``size = 2 * stride`` (32 and 16) no context sub-patch shares a voxel with any target sub-patch. For the
+    paper's g = 7: context 0-2, position 3 skipped, targets 4-6, offset 4 positions = 64 voxels.
+    """
+    if g < MIN_PREDICTION_POSITIONS:
+        raise ValueError(f"a CPC prediction axis needs at least {MIN_PREDICTION_POSITIONS} positions, got {g}")
+    h = (g - 1) // 2
+    return h, g - h
 
 
 def planned_chunk_size(patch_size: Sequence[int], batch_size: int, size: int = 32, stride: int = 16) -> int:
@@ -74,11 +115,15 @@ class CPCBranch(Branch):
     """CPC over 32-voxel sub-patches with stride 16, encoded by the segmentation encoder itself.
 
     Every sub-patch goes through ``encoder``; the output of encoder stage ``stage`` (default: the
-    deepest) is mean-pooled to z (B, D, *grid). Along the last grid axis (length g, h = g // 2) the
-    context network (``n_blocks`` ResBlocks, then Conv1x1 "W") sees only the first g - h positions; its
-    output at position k < h predicts z at position k + g - h. Loss ``weight * info_nce``. Gradients
-    reach the encoder through both the predictions and the target vectors. ``chunk_size`` encodes that
-    many sub-patches per call under activation checkpointing (None: one call, no checkpointing).
+    deepest) is mean-pooled to z (B, D, *grid). Along the prediction axis (:func:`prediction_axis`, g
+    positions) the context network (``n_blocks`` ResBlocks, then Conv1x1 "W") sees only the first h
+    positions (:func:`cpc_layout`, h = (g - 1) // 2; all positions of the other axes); its output at
+    position k predicts z at position k + g - h. No context sub-patch shares a voxel with a target, so the
+    loss cannot fall by copying shared voxels. Candidates of each prediction (eq. 3): all G sub-patch
+    vectors of the same image — context, skipped and target positions, the positive among them; vectors of
+    other images in the batch are not used. Loss ``weight * info_nce`` (chance ln G). Gradients reach the
+    encoder through both the predictions and the candidate vectors. ``chunk_size`` encodes that many
+    sub-patches per call under activation checkpointing (None: one call, no checkpointing).
     """
 
     needs_target = False
@@ -124,15 +169,32 @@ class CPCBranch(Branch):
                                 for chunk in subpatches.split(self.chunk_size)])
         return pooled.view(x.shape[0], *grid, -1).movedim(-1, 1)
 
+    def layout(self, g: int) -> tuple[int, int]:
+        """(number of context positions, target offset) on a prediction axis of ``g`` positions
+        (:func:`cpc_layout`); targets are the last ``g - offset`` positions."""
+        return cpc_layout(g)
+
     def grid_loss(self, z: torch.Tensor) -> torch.Tensor:
         """Unweighted InfoNCE of the context network's predictions for the grid vectors ``z`` (B, D, *grid)."""
+        axis = prediction_axis(z.shape[2:])
+        z = z.float().movedim(2 + axis, -1)  # prediction axis last
         g = z.shape[-1]
-        h = g // 2
-        z = z.float()
+        n_context, offset = self.layout(g)
         with torch.autocast(z.device.type, enabled=False):  # tiny grid: fp32 keeps GroupNorm stable
-            prediction = self.context(z[..., : g - h])[..., :h]
-        positive = torch.arange(z[0, 0].numel(), device=z.device).view(z.shape[2:])[..., g - h:].flatten()
+            prediction = self.context(z[..., :n_context])[..., :g - offset]  # sees the context positions only
+        positive = torch.arange(z[0, 0].numel(), device=z.device).view(z.shape[2:])[..., offset:].flatten()
         return info_nce(prediction.flatten(2), z.flatten(2), positive)
+
+    def description(self, patch_size: Sequence[int]) -> str:
+        """What the branch does on crops of ``patch_size``: grid, prediction axis, context and target positions."""
+        grid = cpc_grid(patch_size, self.size, self.stride)
+        axis = prediction_axis(grid, patch_size, self.size, self.stride)
+        g = grid[axis]
+        n_context, offset = self.layout(g)
+        skipped = f"{n_context}-{offset - 1}" if offset - 1 > n_context else str(n_context)
+        return (f"sub-patch grid {grid} ({self.size}-voxel sub-patches, stride {self.stride}), prediction axis "
+                f"{axis}: context positions 0-{n_context - 1}, skipped {skipped}, targets {offset}-{g - 1}; "
+                f"{math.prod(grid)} candidates per prediction (chance {math.log(math.prod(grid)):.3f})")
 
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], target: torch.Tensor | None,
                 encoder: nn.Module) -> torch.Tensor:
