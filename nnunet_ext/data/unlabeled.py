@@ -1,84 +1,55 @@
-"""The loader that mixes labeled and unlabeled patches (the pool itself is in :mod:`nnunet_ext.data.pool`)."""
+"""The unlabeled stream of semi-supervised training: a dataset and loader that never carry a label.
+
+The labeled stream is nnU-Net's own ``nnUNetDataLoader`` over the budget's cases, untouched. The
+unlabeled stream draws, with the same patch size, workers and augmentation, from the fold's unlabeled
+pool (:mod:`nnunet_ext.data.pool`): random crops only, and a segmentation of zeros for every case, so no
+label (e.g. of a fold training case beyond the budget) ever leaves the loader.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 
-class PooledDataset:
-    """nnU-Net dataset over labeled ids and unlabeled ids that may live in two preprocessed folders."""
+class UnlabeledDataset:
+    """nnU-Net dataset interface over unlabeled case ids that may live in several preprocessed folders.
 
-    def __init__(self, labeled, unlabeled_parts: Sequence, unlabeled_fraction: float):
-        self.labeled_ids = list(labeled.identifiers)
-        self.unlabeled_ids = [i for part in unlabeled_parts for i in part.identifiers]
-        self._owner = {i: labeled for i in self.labeled_ids}
-        self._owner.update({i: part for part in unlabeled_parts for i in part.identifiers})
-        self._labeled_set = set(self.labeled_ids)
-        self.identifiers = self.labeled_ids + self.unlabeled_ids
-        self.unlabeled_fraction = unlabeled_fraction
-
-    def load_case(self, identifier: str):
-        """Load from whichever folder holds the case; unlabeled cases get ``class_locations`` None (no
-        labels to sample from: :class:`SemiSupervisedDataLoader` crops them at random)."""
-        data, seg, seg_prev, properties = self._owner[identifier].load_case(identifier)
-        if identifier not in self._labeled_set:
-            properties = dict(properties, class_locations=None)
-        return data, seg, seg_prev, properties
-
-
-def split_batch(batch_size: int, unlabeled_fraction: float) -> tuple[int, int]:
-    """(labeled, unlabeled) samples per batch: round(B * fraction) unlabeled, at least one of each."""
-    n_unlabeled = min(max(1, round(batch_size * unlabeled_fraction)), max(1, batch_size - 1))
-    return max(1, batch_size - n_unlabeled), n_unlabeled
-
-
-class SemiSupervisedDataLoader(nnUNetDataLoader):
-    """nnU-Net's loader with a fixed labeled/unlabeled split of every batch and a ``labeled`` mask.
-
-    Labeled samples come first and follow nnU-Net's foreground oversampling; unlabeled samples are
-    cropped at random and their segmentation is zeroed, so no label of an unlabeled case leaves the
-    loader. Same spatial and intensity augmentation for both (nnU-Net's transforms, in its workers).
+    ``load_case`` returns the image and a zero segmentation of the same spatial shape; the properties have
+    ``class_locations`` None (there is nothing to sample foreground from).
     """
 
-    def __init__(self, data: PooledDataset, batch_size: int, *args, **kwargs):
-        self.n_labeled, self.n_unlabeled = split_batch(batch_size, data.unlabeled_fraction)
-        super().__init__(data, self.n_labeled + self.n_unlabeled, *args, **kwargs)
-        self.get_do_oversample = self._oversample_labeled_only  # nnU-Net sets this per instance
+    def __init__(self, parts: Sequence):
+        self._owner = {i: part for part in parts for i in part.identifiers}
+        self.identifiers = [i for part in parts for i in part.identifiers]
+        if len(self._owner) != len(self.identifiers):
+            raise ValueError("an unlabeled case id appears in two preprocessed folders")
 
-    def get_indices(self) -> list[str]:
-        """n_labeled random labeled ids, then n_unlabeled random unlabeled ids."""
-        return list(np.random.choice(self._data.labeled_ids, self.n_labeled)) + \
-            list(np.random.choice(self._data.unlabeled_ids, self.n_unlabeled))
+    def __len__(self) -> int:
+        return len(self.identifiers)
 
-    def _oversample_labeled_only(self, sample_idx: int) -> bool:
-        """nnU-Net's rule within the labeled part; never for unlabeled samples."""
-        if sample_idx >= self.n_labeled:
-            return False
-        return not sample_idx < round(self.n_labeled * (1 - self.oversample_foreground_percent))
+    def load_case(self, identifier: str):
+        """(data, zero segmentation, None, properties) of an unlabeled case."""
+        data, _, _, properties = self._owner[identifier].load_case(identifier)
+        seg = np.zeros((1, *data.shape[1:]), dtype=np.int16)
+        return data, seg, None, dict(properties, class_locations=None)
 
-    def get_bbox(self, data_shape, force_fg: bool, class_locations, overwrite_class=None, verbose: bool = False):
-        """nnU-Net's crop; an unlabeled case (``class_locations`` None) is cropped at random even when the
-        dataset has an ignore label (nnU-Net would then look for annotated voxels in the labels)."""
-        if class_locations is not None:
-            return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
-        if force_fg:
-            raise RuntimeError("foreground oversampling was requested for an unlabeled case")
-        has_ignore, self.has_ignore = self.has_ignore, False
-        try:
-            return super().get_bbox(data_shape, False, None, overwrite_class, verbose)
-        finally:
-            self.has_ignore = has_ignore
+
+class UnlabeledDataLoader(nnUNetDataLoader):
+    """nnU-Net's loader for the unlabeled stream: never foreground-forced (``oversample_foreground_percent``
+    0 in both of nnU-Net's oversampling modes), random crops (also on datasets with an ignore label, whose
+    annotated-voxel sampling needs labels), batches without a ``target``."""
+
+    def __init__(self, data: UnlabeledDataset, batch_size: int, patch_size, final_patch_size, label_manager,
+                 transforms=None):
+        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
+                         oversample_foreground_percent=0.0, transforms=transforms)
+        self.has_ignore = False  # nnU-Net would crop around annotated voxels; an unlabeled case has none
 
     def generate_train_batch(self) -> dict:
-        """nnU-Net's batch plus ``labeled`` (bool, B); unlabeled targets are all zero."""
+        """nnU-Net's batch of augmented images; the (all-zero) segmentation is dropped."""
         batch = super().generate_train_batch()
-        labeled = torch.arange(self.batch_size) < self.n_labeled
-        targets = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
-        for t in targets:
-            t[~labeled] = 0
-        batch["labeled"] = labeled
+        del batch["target"]
         return batch

@@ -1,12 +1,12 @@
 """Multi-task base trainer: nnU-Net's planned network plus one regularization branch on its encoder.
 
 Training forward: ``skips = encoder(x)``, ``seg = decoder(skips)``, ``branch_loss = branch(x, skips, target,
-encoder)``; total loss = nnU-Net's own segmentation loss (deep supervision, DC+BCE for regions) on
-labeled samples + the branch loss. nnU-Net's train_step, validation and prediction run unchanged:
+encoder)``; total loss = nnU-Net's own segmentation loss (deep supervision, DC+BCE for regions) + the
+branch loss. nnU-Net's train_step, validation and prediction run unchanged:
 
 - the branch lives inside :class:`MultiTaskNetwork`, the module nnU-Net compiles, wraps in DDP and
   optimizes (one optimizer, one gradient clip);
-- the per-batch branch input (masks, which samples are labeled) is handed over through
+- the per-batch branch input (region masks for branches that need them) is handed over through
   :meth:`MultiTaskTrainer.train_step` just before nnU-Net's own train_step runs the forward pass;
 - the wrapper's ``state_dict`` is the segmentation network's, so ``network_weights`` in checkpoints
   load strictly into the plain planned network (what ``nnUNetv2_predict`` builds); the branch is saved
@@ -31,19 +31,17 @@ from nnunet_ext.trainers.base import ExtTrainer
 
 @dataclass
 class BranchBatch:
-    """What the branch needs besides the image: region masks (B, K, *spatial) and which samples are labeled."""
+    """What the branch needs besides the image: region masks (B, K, *spatial), or None."""
 
     target: torch.Tensor | None
-    labeled: torch.Tensor
 
 
 @dataclass
 class MultiTaskOutput:
-    """Training output of :class:`MultiTaskNetwork`: segmentation outputs, branch loss, labeled mask."""
+    """Training output of :class:`MultiTaskNetwork`: segmentation outputs and the branch loss."""
 
     seg: torch.Tensor | list[torch.Tensor]
     branch_loss: torch.Tensor
-    labeled: torch.Tensor
 
 
 class MultiTaskNetwork(nn.Module):
@@ -81,7 +79,13 @@ class MultiTaskNetwork(nn.Module):
         if pending is None or not self.training:
             return seg
         branch_loss = self.branch(x, skips, pending.target, self.net.encoder)
-        return MultiTaskOutput(seg, branch_loss, pending.labeled)
+        return MultiTaskOutput(seg, branch_loss)
+
+    def branch_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch loss of images without labels: encoder (when the branch needs its skips) and branch;
+        the decoder does not run."""
+        skips = self.net.encoder(x) if self.branch.needs_skips else None
+        return self.branch(x, skips, None, self.net.encoder)
 
     def state_dict(self, *args, **kwargs):
         """The segmentation network's state dict (loads strictly into the plain planned network)."""
@@ -92,13 +96,8 @@ class MultiTaskNetwork(nn.Module):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _select(x: torch.Tensor | list[torch.Tensor], index: torch.Tensor):
-    """Index the batch dimension of a tensor or of each deep-supervision tensor."""
-    return [t[index] for t in x] if isinstance(x, (list, tuple)) else x[index]
-
-
 class MultiTaskLoss(nn.Module):
-    """nnU-Net's segmentation loss on labeled samples plus the branch loss; plain outputs pass through.
+    """nnU-Net's segmentation loss plus the branch loss; plain (validation) outputs pass through.
 
     ``last`` keeps the detached parts of the latest training loss for logging.
     """
@@ -112,13 +111,7 @@ class MultiTaskLoss(nn.Module):
         """Total loss of a training output, or nnU-Net's loss of a plain (validation) output."""
         if not isinstance(output, MultiTaskOutput):
             return self.seg_loss(output, target)
-        labeled = output.labeled
-        if bool(labeled.all()):
-            seg = self.seg_loss(output.seg, target)
-        elif bool(labeled.any()):
-            seg = self.seg_loss(_select(output.seg, labeled), _select(target, labeled))
-        else:  # keep the decoder in the graph (DDP expects every parameter to get a gradient)
-            seg = sum(t.sum() for t in output.seg) * 0.0
+        seg = self.seg_loss(output.seg, target)
         self.last = {"seg_loss": seg.detach(), "branch_loss": output.branch_loss.detach()}
         return seg + output.branch_loss
 
@@ -152,6 +145,8 @@ class MultiTaskTrainer(ExtTrainer):
                                                 num_input_channels, self.num_branch_targets, **kwargs)
         self.print_to_log_file(f"{type(branch).__name__}: {sum(p.numel() for p in branch.parameters())} "
                                f"parameters, arguments {kwargs}")
+        if branch.description(configuration_manager.patch_size):
+            self.print_to_log_file(f"{type(branch).__name__}: {branch.description(configuration_manager.patch_size)}")
         return MultiTaskNetwork(net, branch)
 
     def branch_arguments(self) -> dict:
@@ -180,12 +175,11 @@ class MultiTaskTrainer(ExtTrainer):
         return torch.cat([(t == label) for label in lm.foreground_labels], 1).float()
 
     def branch_batch(self, batch: dict) -> BranchBatch:
-        """The branch's view of a training batch (hook: semi-supervised trainers mark unlabeled samples)."""
-        labeled = torch.ones(batch["data"].shape[0], dtype=torch.bool, device=self.device)
+        """The branch's view of a training batch: region masks for branches that need them."""
         target = None
         if self.branch_class.needs_target:
             target = self.branch_masks(batch["target"]).to(self.device, non_blocking=True)
-        return BranchBatch(target, labeled)
+        return BranchBatch(target)
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's train_step, with the branch input handed to the network first."""
@@ -198,12 +192,11 @@ class MultiTaskTrainer(ExtTrainer):
         return result
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        """nnU-Net's epoch end, plus the mean segmentation and branch losses in the log."""
+        """nnU-Net's epoch end, plus the mean of every loss part (seg_loss, branch_loss, ...) in the log."""
         super().on_train_epoch_end(train_outputs)
-        for key in ("seg_loss", "branch_loss"):
+        for key in dict.fromkeys(k for o in train_outputs for k in o if k != "loss"):
             values = [o[key] for o in train_outputs if key in o]
-            if values:
-                self.print_to_log_file(f"{key} {np.round(float(np.mean(values)), decimals=4)}")
+            self.print_to_log_file(f"{key} {np.round(float(np.mean(values)), decimals=4)}")
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:

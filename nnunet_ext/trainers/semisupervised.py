@@ -1,45 +1,54 @@
-"""Semi-supervised update (paper §3): labeled samples give segmentation + branch loss, unlabeled ones
-the branch loss only. Mixed into a label-free branch trainer (VAE, CPC) to make its ss* variant."""
+"""Semi-supervised update (paper §3): labeled images give segmentation + branch loss, unlabeled images the
+branch loss only. Mixed into a label-free branch trainer (VAE, CPC) to make its ss* variant.
+
+Every optimizer step sees exactly the labeled batch its supervised twin sees — nnU-Net's own, unmodified
+loader, batch size, foreground oversampling and augmentation — plus one batch of unlabeled images drawn
+with the same patch size, workers and augmentation (:mod:`nnunet_ext.data.unlabeled`). The two passes are
+accumulated into one step: the unlabeled pass (encoder + branch) runs forward and backward right after
+nnU-Net clears the gradients, its graph is freed, then nnU-Net's own train_step runs the labeled pass,
+clips the summed gradient once and steps once. Peak memory is that of the larger pass, never of a
+double batch.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import ClassVar
 
-import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.paths import nnUNet_raw
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from nnunet_ext.compat import after_zero_grad
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 from nnunet_ext.data.pool import build_pool, complete_cases, load_manifest, raw_test_ids, unlabeled_folder
-from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader
-from nnunet_ext.trainers.multitask import BranchBatch
-
-
-def _route_pooled_dataset(data, *args, **kwargs):
-    """Stand-in for nnUNetDataLoader: our loader for the pooled training set, nnU-Net's otherwise."""
-    loader = SemiSupervisedDataLoader if isinstance(data, PooledDataset) else nnUNetDataLoader
-    return loader(data, *args, **kwargs)
+from nnunet_ext.data.unlabeled import UnlabeledDataLoader, UnlabeledDataset
 
 
 class SemiSupervisedMixin:
-    """Adds the unlabeled pool and the mixed loader to a branch trainer whose branch needs no labels.
+    """Adds the unlabeled pool, its loader and the accumulated unlabeled pass to a branch trainer whose branch
+    needs no labels.
 
-    ``unlabeled_fraction``: share of every batch drawn from the unlabeled pool (default half and half
-    of nnU-Net's batch size; at least one labeled and one unlabeled sample per batch).
+    ``unlabeled_batch_size``: unlabeled images per step (default None: nnU-Net's batch size, i.e. as many
+    unlabeled as labeled crops; per GPU under DDP).
     """
 
-    unlabeled_fraction: ClassVar[float] = 0.5
+    unlabeled_batch_size: ClassVar[int | None] = None
+
+    def unlabeled_per_step(self) -> int:
+        """Unlabeled images per optimizer step (per GPU under DDP)."""
+        return self.unlabeled_batch_size or self.batch_size
 
     def get_tr_and_val_datasets(self):
-        """Labeled training set (the budget) + the fold's unlabeled pool, and nnU-Net's validation set."""
+        """nnU-Net's training (the label budget) and validation datasets, unchanged; also builds the fold's
+        leakage-guarded unlabeled dataset (``self.unlabeled_dataset``) and writes its ids to disk."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         if self.branch_class.needs_target:
             raise TypeError(f"{type(self).__name__}: {self.branch_class.__name__} needs labels and cannot "
                             f"learn from unlabeled images.")
-        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         folder = unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
         folder_ids = complete_cases(self.dataset_class, folder) if os.path.isdir(folder) else []
         raw = os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
@@ -60,31 +69,57 @@ class SemiSupervisedMixin:
         if self.local_rank == 0:
             save_json({"trainer": type(self).__name__, "fold": self.fold, "pool_size": len(pool.ids),
                        "unlabeled": selected, "source": {i: pool.source[i] for i in selected},
-                       "excluded": pool.excluded, "unlabeled_fraction": self.unlabeled_fraction},
+                       "excluded": pool.excluded, "unlabeled_per_step": self.unlabeled_per_step()},
                       os.path.join(self.output_folder, UNLABELED_IDS_FILE), sort_keys=False)
         from_training = [i for i in selected if pool.source[i] != "imagesUnlabeled"]
         from_folder = [i for i in selected if pool.source[i] == "imagesUnlabeled"]
-        parts = [self.dataset_class(d, ids) for d, ids in
-                 ((self.preprocessed_dataset_folder, from_training), (folder, from_folder)) if ids]
-        return PooledDataset(dataset_tr, parts, self.unlabeled_fraction), dataset_val
+        self.unlabeled_dataset = UnlabeledDataset([self.dataset_class(d, ids) for d, ids in (
+            (self.preprocessed_dataset_folder, from_training), (folder, from_folder)) if ids])
+        return dataset_tr, dataset_val
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training transforms (the unlabeled stream reuses exactly these)."""
+        self.training_transforms = super().get_training_transforms(*args, **kwargs)
+        return self.training_transforms
 
     def get_dataloaders(self):
-        """nnU-Net's loaders and workers; the pooled training set gets the semi-supervised loader."""
-        # nnU-Net constructs nnUNetDataLoader inline; route the pooled set to ours while it does
-        with _patched(nnunet_trainer_module, "nnUNetDataLoader", _route_pooled_dataset):
-            return super().get_dataloaders()
+        """nnU-Net's own loaders, unchanged, plus ``self.dataloader_unlabeled`` with the same transforms and
+        the same kind and number of augmentation workers."""
+        dataloader_train, dataloader_val = super().get_dataloaders()
+        initial_patch_size = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]
+        loader = UnlabeledDataLoader(self.unlabeled_dataset, self.unlabeled_per_step(), initial_patch_size,
+                                     self.configuration_manager.patch_size, self.label_manager,
+                                     transforms=self.training_transforms)
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            self.dataloader_unlabeled = SingleThreadedAugmenter(loader, None)
+        else:
+            self.dataloader_unlabeled = NonDetMultiThreadedAugmenter(
+                loader, None, processes, num_cached=max(6, processes // 2), seeds=None,
+                pin_memory=self.device.type == "cuda", wait_time=0.002)
+        return dataloader_train, dataloader_val
 
-    def branch_batch(self, batch: dict) -> BranchBatch:
-        """Unlabeled samples are marked so that they contribute the branch loss only."""
-        return BranchBatch(None, batch["labeled"].to(self.device, dtype=torch.bool))
+    def on_train_end(self):
+        """nnU-Net's end of training, then the unlabeled workers are shut down."""
+        super().on_train_end()
+        if isinstance(getattr(self, "dataloader_unlabeled", None), NonDetMultiThreadedAugmenter):
+            self.dataloader_unlabeled._finish()
 
+    def unlabeled_backward(self, data: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of the branch loss on an unlabeled batch (scaled like nnU-Net's loss under AMP);
+        the gradient accumulates into the parameters' ``.grad``. Runs the unwrapped network, outside DDP's
+        forward, so DDP leaves these gradients local until the labeled backward averages the sum."""
+        data = data.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            loss = self.multitask_network.branch_loss(data)
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+        return loss.detach()
 
-@contextlib.contextmanager
-def _patched(module, name: str, value):
-    """Temporarily replace ``module.name``."""
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step over nnU-Net's labeled batch plus one unlabeled batch (see the module docstring)."""
+        unlabeled = next(self.dataloader_unlabeled)
+        losses = []
+        with after_zero_grad(self.optimizer, lambda: losses.append(self.unlabeled_backward(unlabeled["data"]))):
+            result = super().train_step(batch)
+        result["unlabeled_branch_loss"] = losses[0].cpu().numpy()
+        return result
