@@ -36,14 +36,14 @@ from dataclasses import dataclass
 
 from nnunet_ext import pipeline
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
-from nnunet_ext.evaluation.report import ResultRow, markdown_table, write_report
+from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
+from nnunet_ext.evaluation.report import CaseResult, markdown_table, write_report
 from nnunet_ext.pipeline import Experiment, log, trainer_name
 from nnunet_ext.trainers.names import BASES, TrainerNameError, parse_trainer_name
 
 # the paper's models by our short names (bases not in names.BASES are not implemented yet)
 PAPER_MODELS = ("EncDec", "VAESeg", "BoundSeg", "CPCSeg", "ssVAESeg", "ssCPCSeg")
 DISPATCH = ("local", "print", "submitit")
-EMPTY_POLICY = "brats"
 STATUS_FILE = "study_status.json"
 # option defaults; a --preset replaces those the user did not give (see preset_options)
 DEFAULTS = {"plans": "nnUNetPlans", "configuration": "3d_fullres", "device": "cuda", "folds": [0, 1, 2, 3, 4],
@@ -116,9 +116,13 @@ class Study:
         """Predictions of the cell's fold ensemble on the test split."""
         return os.path.join(self.output, "predictions", cell.trainer, self.fold_tag())
 
-    def summary_path(self, cell: Cell) -> str:
-        """The evaluation summary whose existence marks a finished cell."""
-        return os.path.join(self.prediction_folder(cell), f"summary_{EMPTY_POLICY}.json")
+    def summary_path(self, cell: Cell, policy: str = EMPTY_POLICIES[0]) -> str:
+        """The evaluation summary of one empty-mask convention; all of them mark a finished cell."""
+        return os.path.join(self.prediction_folder(cell), f"summary_{policy}.json")
+
+    def is_evaluated(self, cell: Cell) -> bool:
+        """True when the cell's predictions are evaluated under every empty-mask convention."""
+        return all(os.path.isfile(self.summary_path(cell, policy)) for policy in EMPTY_POLICIES)
 
     def unlabeled_used(self, cell: Cell) -> tuple[int, ...]:
         """Per fold, how many unlabeled images the cell trained with (its ``unlabeled_cases.json``);
@@ -146,10 +150,11 @@ class Study:
         return self.experiment.predict_command(cell.trainer, self.folds, os.path.join(self.raw, "imagesTs"),
                                                self.prediction_folder(cell))
 
-    def evaluate_command(self, cell: Cell) -> list[str]:
-        """``nnunet-ext evaluate`` of the cell's predictions, writing the summary the study looks for."""
-        return ["nnunet-ext", "evaluate", os.path.join(self.raw, "labelsTs"), self.prediction_folder(cell),
-                "-djfile", os.path.join(self.raw, "dataset.json"), "-o", self.summary_path(cell), "-np", "1"]
+    def evaluate_commands(self, cell: Cell) -> list[list[str]]:
+        """``nnunet-ext evaluate`` of the cell's predictions, one per empty-mask convention."""
+        return [["nnunet-ext", "evaluate", os.path.join(self.raw, "labelsTs"), self.prediction_folder(cell),
+                 "-djfile", os.path.join(self.raw, "dataset.json"), "-o", self.summary_path(cell, policy), "-np",
+                 "1", "--empty-policy", policy] for policy in EMPTY_POLICIES]
 
 
 def run_cell(study: Study, cell: Cell, progress: str) -> dict:
@@ -165,7 +170,7 @@ def run_cell(study: Study, cell: Cell, progress: str) -> dict:
             log_path = study.experiment.train_log(cell.trainer, fold)
             log(f"{cell.trainer} fold {fold}: training (log: {log_path})", progress)
             pipeline.run_command(study.train_command(cell, fold), study.experiment.env, log_path)
-        if os.path.isfile(study.summary_path(cell)):
+        if study.is_evaluated(cell):
             log(f"{cell.trainer}: already evaluated, skipping prediction", progress)
             return {"state": "done", "summary": study.summary_path(cell)}
         reject_stale_predictions(study, cell, progress)
@@ -173,8 +178,9 @@ def run_cell(study: Study, cell: Cell, progress: str) -> dict:
         log(f"{cell.trainer}: predicting imagesTs with folds {' '.join(map(str, study.folds))}", progress)
         pipeline.run_command(study.predict_command(cell), study.experiment.env, log_path, echo=False)
         log_path = None
-        evaluate_folder(os.path.join(study.raw, "labelsTs"), study.prediction_folder(cell),
-                        os.path.join(study.raw, "dataset.json"), study.summary_path(cell), EMPTY_POLICY)
+        for policy in EMPTY_POLICIES:
+            evaluate_folder(os.path.join(study.raw, "labelsTs"), study.prediction_folder(cell),
+                            os.path.join(study.raw, "dataset.json"), study.summary_path(cell, policy), policy)
     except Exception as error:  # one failing cell must not stop the grid
         log(f"{cell.trainer}: FAILED: {error}" + (f" (log: {log_path})" if log_path else ""), progress)
         return {"state": "failed", "error": str(error), "log": log_path}
@@ -247,19 +253,20 @@ def _metric(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-def result_rows(study: Study, cells: Sequence[Cell]) -> list[ResultRow]:
-    """Read the evaluation summaries of the finished cells into report rows (mean over test cases)."""
-    rows = []
+def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
+    """Read the per-case metrics of the evaluated cells (every empty-mask convention) for the report."""
+    results = []
     for cell in cells:
-        if not os.path.isfile(study.summary_path(cell)):
+        if not study.is_evaluated(cell):
             continue
-        with open(study.summary_path(cell)) as f:
-            summary = json.load(f)["summary"]
         used = study.unlabeled_used(cell)
-        rows += [ResultRow(cell.trainer, cell.model, cell.labels, cell.unlabeled, tuple(study.folds), region,
-                           _metric(m["Dice"]["mean"]), _metric(m["HD95"]["mean"]), used)
-                 for region, m in summary.items()]
-    return rows
+        for policy in EMPTY_POLICIES:
+            with open(study.summary_path(cell, policy)) as f:
+                per_case = json.load(f)["metric_per_case"]
+            results += [CaseResult(cell.trainer, cell.model, cell.labels, cell.unlabeled, tuple(study.folds), 0,
+                                   c["case"], region, policy, _metric(m["Dice"]), _metric(m["HD95"]), used)
+                        for c in per_case for region, m in c["metrics"].items()]
+    return results
 
 
 def run_local(study: Study, cells: Sequence[Cell]) -> int:
@@ -271,10 +278,10 @@ def run_local(study: Study, cells: Sequence[Cell]) -> int:
         update_status(status_path, cell, study.folds, entry)
         if entry["state"] == "failed":
             failed.append(cell.trainer)
-    rows = result_rows(study, cells)
-    if rows:
-        paths = write_report(rows, study.output)
-        print("\n" + markdown_table(rows) + "\n", flush=True)
+    cases = case_results(study, cells)
+    if cases:
+        paths = write_report(cases, study.output)
+        print("\n" + markdown_table(cases) + "\n", flush=True)
         log("wrote " + ", ".join(paths.values()), "study")
     if failed:
         log(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)} (details in {status_path})", "study")
@@ -286,13 +293,14 @@ def run_local(study: Study, cells: Sequence[Cell]) -> int:
 def print_commands(study: Study, cells: Sequence[Cell]) -> int:
     """Print the remaining commands of every cell, one per line (notes go to stderr); return 0."""
     for cell in cells:
-        if os.path.isfile(study.summary_path(cell)):
+        if study.is_evaluated(cell):
             print(f"# {cell.trainer}: already evaluated", file=sys.stderr)
             continue
         for fold in study.pending_folds(cell):
             print(shlex.join(study.train_command(cell, fold)))
         print(shlex.join(study.predict_command(cell)))
-        print(shlex.join(study.evaluate_command(cell)))
+        for command in study.evaluate_commands(cell):
+            print(shlex.join(command))
     return 0
 
 

@@ -181,14 +181,15 @@ def test_dispatch_print_prints_remaining_commands_only(fake_nnunet, capsys):
     assert study("--trainers", "EncDec", "--labels", "3", "6", "--folds", "0", "1", "--num-gpus", "2",
                  "--dispatch", "print") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["nnUNetv2_train", "nnUNetv2_predict", "nnunet-ext",
+    assert [line.split()[0] for line in lines] == ["nnUNetv2_train", "nnUNetv2_predict", "nnunet-ext", "nnunet-ext",
                                                    "nnUNetv2_train", "nnUNetv2_train", "nnUNetv2_predict",
-                                                   "nnunet-ext"]
+                                                   "nnunet-ext", "nnunet-ext"]
     assert lines[0].startswith("nnUNetv2_train 42 3d_fullres 1 -p nnUNetPlans -tr EncDecTrainer_3labels ")
     assert lines[0].endswith("-device cuda --c -num_gpus 2")
-    assert "-tr EncDecTrainer_6labels -f 0 1 " in lines[5]
-    assert lines[6].endswith(f"-o {fake_nnunet.output}/predictions/EncDecTrainer_6labels/folds_0_1/"
-                             "summary_brats.json -np 1")
+    assert "-tr EncDecTrainer_6labels -f 0 1 " in lines[6]
+    for line, policy in zip(lines[7:], ("brats", "nan")):  # both empty-mask conventions
+        assert line.endswith(f"-o {fake_nnunet.output}/predictions/EncDecTrainer_6labels/folds_0_1/"
+                             f"summary_{policy}.json -np 1 --empty-policy {policy}")
     assert fake_nnunet.calls == [] and not (fake_nnunet.output / "study_status.json").exists()
 
 
@@ -204,7 +205,8 @@ def test_dispatch_print_keeps_data_preparation_output_off_stdout(fake_nnunet, mo
     assert cli.main(["study", "--preset", "cpu-smoke", "--trainers", "EncDec", "--dispatch", "print"]) == 0
     out, err = capsys.readouterr()
     assert "[demo] preparing" in err
-    assert [line.split()[0] for line in out.splitlines()] == ["nnUNetv2_train", "nnUNetv2_predict", "nnunet-ext"] * 2
+    assert [line.split()[0] for line in out.splitlines()] == \
+        ["nnUNetv2_train", "nnUNetv2_predict", "nnunet-ext", "nnunet-ext"] * 2
 
 
 def test_crashed_cell_is_reported_others_continue_and_rerun_skips(fake_nnunet, capsys):
@@ -382,9 +384,10 @@ def test_tiny_real_grid_through_the_cli(tiny_dataset, tmp_path):
     assert "[study 2/2] EncDecTrainer_3labels_1epochs_2iters_noMirroring fold 0: training" in first.stdout
     with open(output / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and {r["labels"] for r in rows} == {"2", "3"}
-    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
-    assert (output / "results.md").read_text().startswith("| model | labels | unlabeled | Dice ET |")
+    assert len(rows) == 12 and {r["labels"] for r in rows} == {"2", "3"} and {r["policy"] for r in rows} == \
+        {"brats", "nan"}  # 2 cells x 3 regions x both empty-mask conventions
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows if r["policy"] == "brats")
+    assert "| model | labels | unlabeled | Dice ET |" in (output / "results.md").read_text()
     assert (output / "fig2_dice_vs_labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     checkpoints = [os.path.join(ds["results"], f"EncDecTrainer_{n}labels_1epochs_2iters_noMirroring__nnUNetCPUPlans"
                                 "__3d_fullres", "fold_0", "checkpoint_final.pth") for n in (2, 3)]
