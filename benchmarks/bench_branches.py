@@ -7,7 +7,11 @@ DeepSupervisionWrapper), SGD as ``nnUNetTrainer.configure_optimizers``, and a tr
 ``nnUNetTrainer.train_step`` (autocast + GradScaler on CUDA, gradient clipping at 12). Branch trainers wrap
 the network in :class:`MultiTaskNetwork` with their ``branch_class(**branch_kwargs)`` and the loss in
 :class:`MultiTaskLoss`, and hand the branch its :class:`BranchBatch` before each step, as
-``MultiTaskTrainer.train_step`` does. Prediction is one forward pass over one patch of the plain planned
+``MultiTaskTrainer.train_step`` does. Semi-supervised trainers (ss*) add an unlabeled batch of the same size:
+its branch loss runs forward and backward right after ``zero_grad``, then the labeled step follows, as
+``SemiSupervisedMixin.train_step`` does; their ``ss ratio`` is the ss step time over (their supervised twin's
+step + a branch-only step on the unlabeled batch), i.e. what accumulating the two passes costs beyond doing
+them. Prediction is one forward pass over one patch of the plain planned
 network (deep supervision off, eval mode, weights loaded strictly from the trained network's
 ``state_dict``): nnUNetv2_predict never builds the branch, so its ratio to the baseline should be 1.00.
 
@@ -50,16 +54,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from nnunet_ext.branches.cpc import default_chunk_size
 from nnunet_ext.planners.groupnorm import GROUP_NORM
 from nnunet_ext.trainers.boundary import BoundSegTrainer
-from nnunet_ext.trainers.cpc import CPCSegTrainer
+from nnunet_ext.trainers.cpc import CPCSegTrainer, ssCPCSegTrainer
 from nnunet_ext.trainers.encdec import EncDecTrainer
 from nnunet_ext.trainers.multitask import BranchBatch, MultiTaskLoss, MultiTaskNetwork, MultiTaskTrainer
-from nnunet_ext.trainers.vae import VAESegTrainer
+from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
+from nnunet_ext.trainers.vae import VAESegTrainer, ssVAESegTrainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_PREFIX = "bench_branches result: "
 BASELINE = "nnUNetTrainer"
 TRAINERS: dict[str, type[nnUNetTrainer]] = {cls.__name__: cls for cls in (
-    nnUNetTrainer, EncDecTrainer, VAESegTrainer, BoundSegTrainer, CPCSegTrainer)}
+    nnUNetTrainer, EncDecTrainer, VAESegTrainer, BoundSegTrainer, CPCSegTrainer, ssVAESegTrainer, ssCPCSegTrainer)}
 INPUT_CHANNELS = 4  # BraTS / MSD Task01 and the demo dataset: FLAIR, T1w, T1gd, T2w
 REGIONS = 3  # whole tumour, tumour core, enhancing tumour
 
@@ -165,25 +170,49 @@ class TrainingSetup:
     data: torch.Tensor
     target: list[torch.Tensor]
     branch_batch: BranchBatch | None
+    unlabeled: torch.Tensor | None = None
 
     def step(self) -> float:
-        """One training step as ``nnUNetTrainer.train_step`` (with ``MultiTaskTrainer``'s hand-over); the loss."""
+        """One training step as ``nnUNetTrainer.train_step`` (with ``MultiTaskTrainer``'s hand-over and, for ss
+        trainers, ``SemiSupervisedMixin``'s unlabeled pass after zero_grad); the labeled loss."""
         if self.branch_batch is not None:
             self.network.pending = self.branch_batch
         self.optimizer.zero_grad(set_to_none=True)
+        if self.unlabeled is not None:
+            self.backward(self.unlabeled_loss())
         with autocast(self.data.device):
             loss = self.loss(self.network(self.data), self.target)
+        self.backward(loss)
+        self.clip_and_step()
+        return float(loss.detach().cpu())
+
+    def branch_only_step(self) -> float:
+        """A step with the unlabeled pass alone (zero_grad, branch loss forward and backward, clip, step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.unlabeled_loss()
+        self.backward(loss)
+        self.clip_and_step()
+        return float(loss.detach().cpu())
+
+    def unlabeled_loss(self) -> torch.Tensor:
+        """The branch loss of the unlabeled batch (``MultiTaskNetwork.branch_loss``)."""
+        with autocast(self.unlabeled.device):
+            return self.network.branch_loss(self.unlabeled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward, scaled on CUDA."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def clip_and_step(self) -> None:
+        """nnU-Net's (unscale), clip at 12, optimizer step."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        return float(loss.detach().cpu())
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -209,11 +238,12 @@ def training_setup(trainer: type[nnUNetTrainer], arch: Architecture, device: tor
         network, loss = MultiTaskNetwork(network, branch), MultiTaskLoss(loss)
         # MultiTaskTrainer.branch_batch: all samples labeled; region masks from the full-resolution target
         masks = target[0].float() if trainer.branch_class.needs_target else None
-        branch_batch = BranchBatch(masks, torch.ones(arch.batch_size, dtype=torch.bool, device=device))
+        branch_batch = BranchBatch(masks)
+    unlabeled = random_batch(arch, device)[0] if issubclass(trainer, SemiSupervisedMixin) else None
     network = network.to(device)
     optimizer = torch.optim.SGD(network.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    return TrainingSetup(network, loss, optimizer, scaler, data, target, branch_batch)
+    return TrainingSetup(network, loss, optimizer, scaler, data, target, branch_batch, unlabeled)
 
 
 def prediction_network(setup: TrainingSetup, arch: Architecture, device: torch.device) -> nn.Module:
@@ -275,6 +305,11 @@ def measure(trainer_name: str, args: argparse.Namespace) -> dict:
     else:
         process_peak = max_rss_mb()
         peak = {"peak_mb": process_peak - floor_mb, "process_peak_mb": process_peak, "floor_mb": floor_mb}
+    extra = {}
+    if setup.unlabeled is not None:
+        with progress(f"{trainer_name}: {args.warmup} warm-up + {args.repeats} branch-only steps"):
+            extra["branch_only_ms"] = statistics.median(timed(setup.branch_only_step, device, args.warmup,
+                                                              args.repeats))
     with progress(f"{trainer_name}: FLOPs of one training step"), FlopCounterMode(display=False) as flops:
         final_loss = setup.step()
     predictor = prediction_network(setup, arch, device)
@@ -289,7 +324,7 @@ def measure(trainer_name: str, args: argparse.Namespace) -> dict:
     return {"trainer": trainer_name, "step_ms": statistics.median(step_ms), "step_ms_all": step_ms,
             "gflop_per_step": flops.get_total_flops() / 1e9, **peak, "predict_ms": statistics.median(predict_ms),
             "predict_ms_all": predict_ms, "final_loss": final_loss,
-            "parameters": sum(p.numel() for p in setup.network.parameters())}
+            "parameters": sum(p.numel() for p in setup.network.parameters()), **extra}
 
 
 def child_command(trainer_name: str, argv: list[str]) -> list[str]:
@@ -311,16 +346,31 @@ def ratio(value: float, base: float | None) -> str:
     return f"{value / base:.2f}x" if base else "-"
 
 
+def twin(trainer_name: str) -> str | None:
+    """The supervised twin of a semi-supervised trainer (ssCPCSegTrainer -> CPCSegTrainer), else None."""
+    return trainer_name[2:] if issubclass(TRAINERS[trainer_name], SemiSupervisedMixin) else None
+
+
+def ss_ratio(result: dict, by_name: dict[str, dict]) -> str:
+    """ss step ÷ (supervised twin's step + branch-only step on the unlabeled batch), or '-'."""
+    other = by_name.get(twin(result["trainer"]) or "", {})
+    if "branch_only_ms" not in result or "step_ms" not in other:
+        return "-"
+    return ratio(result["step_ms"], other["step_ms"] + result["branch_only_ms"])
+
+
 def markdown_table(results: list[dict]) -> str:
-    """Markdown table of the results, ratios to the nnUNetTrainer row."""
-    base = next((r for r in results if r["trainer"] == BASELINE and "error" not in r), {})
-    rows = ["| trainer | step ms (median) | ×baseline | GFLOP/step | ×baseline | peak MB | ×baseline "
-            "| predict ms | ×baseline |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table of the results, ratios to the nnUNetTrainer row (ss ratio: see the module docstring)."""
+    by_name = {r["trainer"]: r for r in results if "error" not in r}
+    base = by_name.get(BASELINE, {})
+    rows = ["| trainer | step ms (median) | ×baseline | ss ratio | GFLOP/step | ×baseline | peak MB | ×baseline "
+            "| predict ms | ×baseline |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['trainer']} | failed: {r['error']} |" + " |" * 7)
+            rows.append(f"| {r['trainer']} | failed: {r['error']} |" + " |" * 8)
             continue
         rows.append(f"| {r['trainer']} | {r['step_ms']:.1f} | {ratio(r['step_ms'], base.get('step_ms'))} "
+                    f"| {ss_ratio(r, by_name)} "
                     f"| {r['gflop_per_step']:.1f} | {ratio(r['gflop_per_step'], base.get('gflop_per_step'))} "
                     f"| {r['peak_mb']:.0f} | {ratio(r['peak_mb'], base.get('peak_mb'))} "
                     f"| {r['predict_ms']:.1f} | {ratio(r['predict_ms'], base.get('predict_ms'))} |")
@@ -358,7 +408,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="ResidualEncoderUNet with nnUNetPlannerResEncM's blocks (same features)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--trainers", nargs="+", choices=sorted(TRAINERS), default=list(TRAINERS),
-                        help=f"trainers to measure ({BASELINE}, the baseline, is always added)")
+                        help=f"trainers to measure ({BASELINE}, the baseline, and the supervised twin of an "
+                             "ss* trainer are always added)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps and predictions (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps and predictions first (default 3)")
     parser.add_argument("--cpc-chunk", type=int, default=None,
@@ -384,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         print(RESULT_PREFIX + json.dumps(measure(args.only, args)), flush=True)
         return 0
-    trainers = [BASELINE] + [t for t in args.trainers if t != BASELINE]
+    wanted = [*args.trainers, *(twin(t) for t in args.trainers if twin(t))]  # an ss ratio needs the twin
+    trainers = [BASELINE] + [t for t in dict.fromkeys(wanted) if t != BASELINE]
     env = environment(args)
     print(f"[bench_branches] {env['network']} {env['features_per_stage']}, patch {env['patch_size']}, "
           f"batch {env['batch_size']}, {args.device} ({env['device_name']}, {env['torch_threads']} threads)",

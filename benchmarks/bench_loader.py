@@ -1,12 +1,13 @@
-"""Throughput of the semi-supervised loader versus nnU-Net's labeled-only loader on a preprocessed dataset.
+"""Throughput of the two streams of semi-supervised training on a preprocessed dataset.
 
-Both loaders get what ``nnUNetTrainer.get_dataloaders`` gives its training loader: the plans' batch size and
-patch size, nnU-Net's initial (pre-rotation) patch size, foreground oversampling 0.33, the transforms of
-``nnUNetTrainer.get_training_transforms`` (with deep-supervision targets) and batchgenerators'
-NonDetMultiThreadedAugmenter (SingleThreadedAugmenter for ``--workers 0``). nnU-Net's side is
-``nnUNetDataLoader`` over the labeled cases; ours is ``SemiSupervisedDataLoader`` over a ``PooledDataset``
-of the same labeled cases plus unlabeled ones: the preprocessed ``<data_identifier>_unlabeled`` folder
-(``nnunet-ext preprocess-unlabeled``) when it exists, otherwise the second half of the training cases.
+A semi-supervised step takes one batch from each: nnU-Net's own ``nnUNetDataLoader`` over the labeled cases
+(the labeled stream, exactly the supervised trainers') and ``UnlabeledDataLoader`` over the unlabeled cases.
+Both get what ``nnUNetTrainer.get_dataloaders`` gives its training loader: the plans' batch size and patch
+size, nnU-Net's initial (pre-rotation) patch size, the transforms of ``nnUNetTrainer.get_training_transforms``
+(with deep-supervision targets) and batchgenerators' NonDetMultiThreadedAugmenter (SingleThreadedAugmenter
+for ``--workers 0``); the labeled one oversamples foreground (0.33), the unlabeled one never does. Unlabeled
+cases: the preprocessed ``<data_identifier>_unlabeled`` folder (``nnunet-ext preprocess-unlabeled``) when
+it exists, otherwise the second half of the training cases.
 
 Each loader first delivers ``--warmup-batches`` untimed batches once (page cache, lazy imports). Then each
 round builds a fresh loader and augmenter, waits for the first batch (worker start-up, reported
@@ -43,11 +44,10 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext.data.pool import complete_cases, unlabeled_folder
-from nnunet_ext.data.unlabeled import PooledDataset, SemiSupervisedDataLoader
-from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
+from nnunet_ext.data.unlabeled import UnlabeledDataLoader, UnlabeledDataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LOADERS = ("nnUNetDataLoader (labeled only)", "SemiSupervisedDataLoader (pooled)")
+LOADERS = ("nnUNetDataLoader (labeled stream)", "UnlabeledDataLoader (unlabeled stream)")
 OVERSAMPLE_FOREGROUND = 0.33  # nnUNetTrainer.oversample_foreground_percent
 
 
@@ -126,16 +126,15 @@ def loader_inputs(dataset: str, plans: str, configuration: str) -> LoaderInputs:
                         label_manager, transforms)
 
 
-def make_loader(kind: str, inputs: LoaderInputs, unlabeled_fraction: float) -> nnUNetDataLoader:
-    """nnU-Net's training loader over the labeled cases, or ours over labeled + unlabeled cases."""
-    kwargs = dict(oversample_foreground_percent=OVERSAMPLE_FOREGROUND, sampling_probabilities=None,
-                  pad_sides=None, transforms=inputs.transforms, probabilistic_oversampling=False)
+def make_loader(kind: str, inputs: LoaderInputs) -> nnUNetDataLoader:
+    """nnU-Net's training loader over the labeled cases, or the unlabeled stream's over the unlabeled cases."""
     if kind == LOADERS[0]:
         return nnUNetDataLoader(inputs.labeled, inputs.batch_size, inputs.initial_patch_size, inputs.patch_size,
-                                inputs.label_manager, **kwargs)
-    pooled = PooledDataset(inputs.labeled, [inputs.unlabeled], unlabeled_fraction)
-    return SemiSupervisedDataLoader(pooled, inputs.batch_size, inputs.initial_patch_size, inputs.patch_size,
-                                    inputs.label_manager, **kwargs)
+                                inputs.label_manager, oversample_foreground_percent=OVERSAMPLE_FOREGROUND,
+                                sampling_probabilities=None, pad_sides=None, transforms=inputs.transforms,
+                                probabilistic_oversampling=False)
+    return UnlabeledDataLoader(UnlabeledDataset([inputs.unlabeled]), inputs.batch_size, inputs.initial_patch_size,
+                               inputs.patch_size, inputs.label_manager, transforms=inputs.transforms)
 
 
 def augmenter(loader: nnUNetDataLoader, workers: int) -> SingleThreadedAugmenter | NonDetMultiThreadedAugmenter:
@@ -147,10 +146,10 @@ def augmenter(loader: nnUNetDataLoader, workers: int) -> SingleThreadedAugmenter
                                         wait_time=0.002)
 
 
-def time_round(kind: str, inputs: LoaderInputs, workers: int, batches: int, unlabeled_fraction: float) -> dict:
+def time_round(kind: str, inputs: LoaderInputs, workers: int, batches: int) -> dict:
     """Seconds to the first batch, then the rate of the next ``batches`` batches, for a fresh loader."""
     start = time.perf_counter()
-    generator = augmenter(make_loader(kind, inputs, unlabeled_fraction), workers)
+    generator = augmenter(make_loader(kind, inputs), workers)
     try:
         first = next(generator)
         first_s = time.perf_counter() - start
@@ -161,9 +160,7 @@ def time_round(kind: str, inputs: LoaderInputs, workers: int, batches: int, unla
     finally:
         if isinstance(generator, NonDetMultiThreadedAugmenter):
             generator._finish()
-    labeled = first.get("labeled")
-    composition = f"{int(labeled.sum())}+{int((~labeled).sum())}" if labeled is not None else \
-        f"{first['data'].shape[0]}+0"
+    composition = f"{first['data'].shape[0]} {'with' if 'target' in first else 'without'} target"
     return {"batches_per_s": batches / elapsed, "first_batch_s": first_s, "composition": composition,
             "data_shape": list(first["data"].shape)}
 
@@ -171,7 +168,7 @@ def time_round(kind: str, inputs: LoaderInputs, workers: int, batches: int, unla
 def markdown_table(results: dict[str, list[dict]]) -> str:
     """One row per loader: median rate over rounds, ratio to nnU-Net's loader, batch composition, start-up."""
     base = statistics.median(r["batches_per_s"] for r in results[LOADERS[0]])
-    rows = ["| loader | batches/s (median) | ×labeled-only | labeled+unlabeled per batch | first batch s (median) |",
+    rows = ["| loader | batches/s (median) | ×labeled stream | samples per batch | first batch s (median) |",
             "|---|---:|---:|---|---:|"]
     for kind, rounds in results.items():
         rate = statistics.median(r["batches_per_s"] for r in rounds)
@@ -192,16 +189,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-batches", type=int, default=10,
                         help="untimed batches of each loader before the rounds (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per loader, alternating (default 3)")
-    parser.add_argument("--unlabeled-fraction", type=float, default=SemiSupervisedMixin.unlabeled_fraction,
-                        help="share of each pooled batch drawn from the unlabeled cases (ss* trainers' default)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: results/loader_<dataset>.json next to this script)")
     args = parser.parse_args(argv)
     if args.workers < 0 or args.batches < 1 or args.rounds < 1 or args.warmup_batches < 0:
         parser.error(f"need --workers >= 0, --batches >= 1, --rounds >= 1, --warmup-batches >= 0 (got "
                      f"{args.workers}, {args.batches}, {args.rounds}, {args.warmup_batches})")
-    if not 0 < args.unlabeled_fraction < 1:
-        parser.error(f"--unlabeled-fraction must be between 0 and 1 (got {args.unlabeled_fraction})")
     return args
 
 
@@ -215,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.workers} workers", flush=True)
     if args.warmup_batches:
         for kind in LOADERS:
-            time_round(kind, inputs, args.workers, args.warmup_batches, args.unlabeled_fraction)
+            time_round(kind, inputs, args.workers, args.warmup_batches)
         print(f"[bench_loader] warm-up: {args.warmup_batches} batches of each loader", flush=True)
     results: dict[str, list[dict]] = {kind: [] for kind in LOADERS}
     for r in range(args.rounds):
         for kind in (LOADERS if r % 2 == 0 else LOADERS[::-1]):
-            result = time_round(kind, inputs, args.workers, args.batches, args.unlabeled_fraction)
+            result = time_round(kind, inputs, args.workers, args.batches)
             results[kind].append(result)
             print(f"[bench_loader] round {r + 1}/{args.rounds} {kind}: {result['batches_per_s']:.2f} batches/s "
                   f"(first batch {result['first_batch_s']:.2f} s)", flush=True)
@@ -228,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     environment = {"dataset": name, "plans": args.p, "configuration": args.c, "workers": args.workers,
                    "batches": args.batches, "warmup_batches": args.warmup_batches, "rounds": args.rounds,
-                   "unlabeled_fraction": args.unlabeled_fraction,
                    "batch_size": inputs.batch_size, "patch_size": list(inputs.patch_size),
                    "labeled_cases": len(inputs.labeled.identifiers), "unlabeled_source": inputs.unlabeled_source,
                    "cpu_count": os.cpu_count(), "python": platform.python_version()}
