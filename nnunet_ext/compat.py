@@ -7,10 +7,13 @@ nnU-Net release that changes the code fails loudly, naming the coupling, instead
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 
 import nnunetv2
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 
 
 class CompatibilityError(RuntimeError):
@@ -48,3 +51,32 @@ def after_zero_grad(optimizer: torch.optim.Optimizer, action: Callable[[], None]
     if len(calls) != 1:
         raise CompatibilityError("after_zero_grad", f"nnUNetTrainer.train_step to call optimizer.zero_grad() once "
                                                     f"per step (called {len(calls)} times)")
+
+
+@contextlib.contextmanager
+def seeded_augmenters(seeds_for: Callable[[int, int], list[int] | None]) -> Iterator[None]:
+    """While the block runs, the augmenters ``nnUNetTrainer.get_dataloaders`` builds get worker seeds.
+
+    nnU-Net constructs its ``NonDetMultiThreadedAugmenter`` (training first, then validation) inline with
+    ``seeds=None``, so every worker seeds itself from the OS; seeded trainers (``_s<S>``) need reproducible
+    workers. The module's ``NonDetMultiThreadedAugmenter`` is replaced, inside the block only, by a subclass
+    that asks ``seeds_for(stream, num_processes)`` (stream 0, 1, ... in construction order) when it is given
+    no seeds. Precondition, checked: nnU-Net's trainer module uses batchgenerators' class by that name.
+    """
+    original = getattr(nnunet_trainer_module, "NonDetMultiThreadedAugmenter", None)
+    if original is not NonDetMultiThreadedAugmenter:
+        raise CompatibilityError("seeded_augmenters", "nnUNetTrainer.get_dataloaders to build batchgenerators' "
+                                                      "NonDetMultiThreadedAugmenter")
+    streams = itertools.count()
+
+    class SeededAugmenter(original):
+        def __init__(self, data_loader, transform, num_processes, *args, seeds=None, **kwargs):
+            stream = next(streams)
+            super().__init__(data_loader, transform, num_processes, *args,
+                             seeds=seeds if seeds is not None else seeds_for(stream, num_processes), **kwargs)
+
+    nnunet_trainer_module.NonDetMultiThreadedAugmenter = SeededAugmenter
+    try:
+        yield
+    finally:
+        nnunet_trainer_module.NonDetMultiThreadedAugmenter = original

@@ -1,13 +1,17 @@
-"""Base trainer: applies what a trainer's name asks for (label budget, schedule, mirroring)."""
+"""Base trainer: applies what a trainer's name asks for (label budget, schedule, mirroring, seed)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 
+import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ext.compat import seeded_augmenters
 from nnunet_ext.data.budgets import (
     DEFAULT_SEED,
     LABELED_IDS_FILE,
@@ -22,17 +26,37 @@ class ExtTrainer(nnUNetTrainer):
     """nnUNetTrainer plus the name grammar; subclasses set ``trainer_spec`` (generated names do)."""
 
     trainer_spec = TrainerSpec(base="ExtTrainer")
-    budget_seed = DEFAULT_SEED
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         spec = self.trainer_spec
+        if spec.seed is not None:  # before the network is built: same weights, same batches, same augmentation
+            random.seed(spec.seed)
+            np.random.seed(spec.seed)
+            torch.manual_seed(spec.seed)
         if spec.epochs is not None:
             self.num_epochs = spec.epochs
         if spec.iters is not None:
             self.num_iterations_per_epoch = spec.iters
             self.num_val_iterations_per_epoch = max(1, spec.iters // 5)
+
+    @property
+    def budget_seed(self) -> int:
+        """Seed of the labeled (and unlabeled) ordering: the default for no seed or ``_s0``, another per ``_s<S>``."""
+        return DEFAULT_SEED + (self.trainer_spec.seed or 0)
+
+    def augmenter_seeds(self, stream: int, processes: int) -> list[int] | None:
+        """Seeds of the augmentation workers of one data stream (0 training, 1 validation, 2 unlabeled) for
+        ``_s<S>`` trainers; None (nnU-Net's unseeded workers) otherwise."""
+        seed = self.trainer_spec.seed
+        return None if seed is None else [seed * 1000 + stream * 100 + i for i in range(processes)]
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders; for ``_s<S>`` trainers their augmentation workers are seeded (stream 0 and 1)."""
+        seeded = self.trainer_spec.seed is not None
+        with seeded_augmenters(self.augmenter_seeds) if seeded else contextlib.nullcontext():
+            return super().get_dataloaders()
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """nnU-Net's augmentation setup; without mirroring (training and inference) for ``_noMirroring``."""
@@ -56,7 +80,9 @@ class ExtTrainer(nnUNetTrainer):
         if budget is None:
             return tr_keys, val_keys
         order_file = order_file_path(self.preprocessed_dataset_folder_base)
-        order = load_order_file(order_file) if os.path.isfile(order_file) else None
+        # a pinned order fixes repeat 0; other repeats (_s1, _s2, ...) draw their own seeded orderings
+        pinned = os.path.isfile(order_file) and not self.trainer_spec.seed
+        order = load_order_file(order_file) if pinned else None
         try:
             labeled, self.beyond_budget = split_budget(tr_keys, budget, order, self.budget_seed)
         except ValueError as e:
@@ -64,10 +90,13 @@ class ExtTrainer(nnUNetTrainer):
         if getattr(self, "_budget_reported", False):  # nnU-Net splits again for the final validation
             return labeled, val_keys
         self._budget_reported = True
-        source = f"pinned order {order_file}" if order else f"seeded order, seed {self.budget_seed}"
+        source = f"pinned order {order_file}" if order else f"seeded order, seed {self.budget_seed}" + (
+            f" (repeat {self.trainer_spec.seed}; {order_file} pins repeat 0 only)" if os.path.isfile(order_file)
+            else "")
         self.print_to_log_file(f"Label budget {budget}: training on {labeled} ({source})")
         if self.local_rank == 0:
             save_json({"trainer": self.__class__.__name__, "fold": self.fold, "label_budget": budget,
-                       "labeled": labeled, "fold_training_cases": len(tr_keys), "order_source": source},
+                       "labeled": labeled, "fold_training_cases": len(tr_keys), "order_source": source,
+                       "seed": self.trainer_spec.seed},
                       os.path.join(self.output_folder, LABELED_IDS_FILE), sort_keys=False)
         return labeled, val_keys

@@ -1,4 +1,4 @@
-"""Trainer-name grammar: ``<Base>[_<N>labels][_<M>unlabeled][_<E>epochs][_<K>iters][_noMirroring]``.
+"""Trainer-name grammar: ``<Base>[_<N>labels][_<M>unlabeled][_<E>epochs][_<K>iters][_noMirroring][_s<S>]``.
 
 Every valid name is a class built on demand (module ``__getattr__``, which nnU-Net's trainer search
 consults through ``hasattr``), so each variant gets its own ``{trainer}__{plans}__{configuration}``
@@ -11,6 +11,8 @@ result folder. Suffixes must appear in the order above, each at most once.
   (nnU-Net default 250 / 50). For smoke tests and the CPU demo.
 - ``_noMirroring``: no mirroring, neither as augmentation nor at test time (nnU-Net's
   ``nnUNetTrainerNoMirroring`` behaviour); makes CPU validation and prediction 8x cheaper in 3D.
+- ``_s<S>``: repeat S (S >= 0): seeds Python, NumPy and torch (and the augmentation workers) with S and
+  takes the S-th labeled (and unlabeled) subset; ``_s0`` has the same subsets as no suffix.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import importlib
 import re
 from dataclasses import dataclass
 
-GRAMMAR = "<Base>[_<N>labels][_<M>unlabeled][_<E>epochs][_<K>iters][_noMirroring]"
+GRAMMAR = "<Base>[_<N>labels][_<M>unlabeled][_<E>epochs][_<K>iters][_noMirroring][_s<S>]"
 
-# base trainer name -> (module, semi-supervised?). Only implemented bases are listed.
+# base trainer name -> (module, semi-supervised?): every trainer family of nnunet_ext, in one place.
 BASES: dict[str, tuple[str, bool]] = {
     "EncDecTrainer": ("nnunet_ext.trainers.encdec", False),
     "VAESegTrainer": ("nnunet_ext.trainers.vae", False),
@@ -31,12 +33,16 @@ BASES: dict[str, tuple[str, bool]] = {
     "ssCPCSegTrainer": ("nnunet_ext.trainers.cpc", True),
 }
 
+# the six models of the paper's Table 1, by their short names (the demo's and the cpu-smoke preset's default)
+PAPER_MODELS = tuple(base.removesuffix("Trainer") for base in BASES)
+
 _SUFFIXES = (
     ("labels", re.compile(r"^(\d+)labels$")),
     ("unlabeled", re.compile(r"^(\d+)unlabeled$")),
     ("epochs", re.compile(r"^(\d+)epochs$")),
     ("iters", re.compile(r"^(\d+)iters$")),
     ("noMirroring", re.compile(r"^noMirroring$")),
+    ("seed", re.compile(r"^s(\d+)$")),
 )
 
 
@@ -50,6 +56,29 @@ class TrainerSpec:
     epochs: int | None = None
     iters: int | None = None
     mirroring: bool = True
+    seed: int | None = None
+
+
+    @property
+    def name(self) -> str:
+        """The trainer name of this spec (the inverse of :func:`parse_trainer_name`)."""
+        name = self.base
+        for value, suffix in ((self.labels, "labels"), (self.unlabeled, "unlabeled"), (self.epochs, "epochs"),
+                              (self.iters, "iters")):
+            if value is not None:
+                name += f"_{value}{suffix}"
+        name += "" if self.mirroring else "_noMirroring"
+        return name if self.seed is None else f"{name}_s{self.seed}"
+
+
+def trainer_name(base: str, labels: int | None = None, unlabeled: int | None = None, epochs: int | None = None,
+                 iters: int | None = None, mirroring: bool = True, seed: int | None = None) -> str:
+    """Compose and check a trainer name, e.g. ('EncDec', 6) -> 'EncDecTrainer_6labels' (base with or without
+    'Trainer'); raise TrainerNameError for an invalid combination."""
+    spec = TrainerSpec(base if base.endswith("Trainer") else base + "Trainer", labels, unlabeled, epochs, iters,
+                       mirroring, seed)
+    parse_trainer_name(spec.name)
+    return spec.name
 
 
 class TrainerNameError(ValueError):
@@ -94,6 +123,12 @@ def parse_trainer_name(name: str) -> TrainerSpec:
             values[key] = True
             continue
         number = int(match.group(1))
+        if key == "seed":
+            if match.group(1) != str(number):
+                raise TrainerNameError(f"Trainer name '{name}': '_{token}' must be _s followed by a number without "
+                                       f"leading zeros (e.g. _s0, _s1).")
+            values[key] = number
+            continue
         if number < 1 or token.startswith("0"):
             raise TrainerNameError(f"Trainer name '{name}': '_{token}' must be a positive integer without "
                                    f"leading zeros (e.g. _6{key}).")
@@ -106,7 +141,7 @@ def parse_trainer_name(name: str) -> TrainerSpec:
             f"({', '.join(ss) if ss else 'ss* trainers'}); {base} does not train on unlabeled images.")
     return TrainerSpec(base=base, labels=values.get("labels"), unlabeled=values.get("unlabeled"),
                        epochs=values.get("epochs"), iters=values.get("iters"),
-                       mirroring="noMirroring" not in values)
+                       mirroring="noMirroring" not in values, seed=values.get("seed"))
 
 
 _CLASSES: dict[str, type] = {}

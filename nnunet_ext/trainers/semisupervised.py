@@ -95,7 +95,7 @@ class SemiSupervisedMixin:
             self.dataloader_unlabeled = SingleThreadedAugmenter(loader, None)
         else:
             self.dataloader_unlabeled = NonDetMultiThreadedAugmenter(
-                loader, None, processes, num_cached=max(6, processes // 2), seeds=None,
+                loader, None, processes, num_cached=max(6, processes // 2), seeds=self.augmenter_seeds(2, processes),
                 pin_memory=self.device.type == "cuda", wait_time=0.002)
         return dataloader_train, dataloader_val
 

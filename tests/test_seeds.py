@@ -1,0 +1,100 @@
+"""Seeded repeats (``_s<S>``): the grammar, the S-th labeled subset, seeded augmentation workers, and the
+same loss curve twice for the same seed (and another one for another seed) through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from conftest import run
+
+from nnunet_ext.compat import CompatibilityError, seeded_augmenters
+from nnunet_ext.data.budgets import DEFAULT_SEED, split_budget
+from nnunet_ext.trainers.names import TrainerNameError, TrainerSpec, parse_trainer_name, trainer_class, trainer_name
+
+
+@pytest.mark.parametrize("name, spec", [
+    ("EncDecTrainer_s0", TrainerSpec("EncDecTrainer", seed=0)),
+    ("EncDecTrainer_6labels_noMirroring_s12", TrainerSpec("EncDecTrainer", labels=6, mirroring=False, seed=12)),
+    ("ssCPCSegTrainer_6labels_10unlabeled_2epochs_5iters_s1",
+     TrainerSpec("ssCPCSegTrainer", labels=6, unlabeled=10, epochs=2, iters=5, seed=1)),
+])
+def test_seed_suffix_parses_and_round_trips(name, spec):
+    assert parse_trainer_name(name) == spec and spec.name == name
+    assert trainer_name(spec.base.removesuffix("Trainer"), spec.labels, spec.unlabeled, spec.epochs, spec.iters,
+                        spec.mirroring, spec.seed) == name
+
+
+@pytest.mark.parametrize("name, message", [
+    ("EncDecTrainer_s01", "without leading zeros"),
+    ("EncDecTrainer_s", "unknown suffix '_s'"),
+    ("EncDecTrainer_sone", "unknown suffix"),
+    ("EncDecTrainer_s1_noMirroring", "out of order"),
+    ("EncDecTrainer_s1_s2", "repeated or out of order"),
+])
+def test_bad_seed_suffixes_say_what_is_wrong(name, message):
+    with pytest.raises(TrainerNameError, match=message):
+        parse_trainer_name(name)
+
+
+def test_each_repeat_has_its_own_nested_labeled_subsets_and_s0_keeps_the_default():
+    seeds = {s: object.__new__(trainer_class(f"EncDecTrainer_3labels{'' if s is None else f'_s{s}'}")).budget_seed
+             for s in (None, 0, 1, 2)}
+    assert seeds[None] == seeds[0] == DEFAULT_SEED and len({seeds[None], seeds[1], seeds[2]}) == 3
+    cases = [f"C{i:02d}" for i in range(40)]
+    subsets = {s: split_budget(cases, 6, None, seed)[0] for s, seed in seeds.items()}
+    assert subsets[0] == subsets[None] and subsets[1] != subsets[0] and subsets[2] != subsets[1]
+    assert split_budget(cases, 3, None, seeds[1])[0] == subsets[1][:3]  # nested within a repeat
+
+
+def test_seeded_augmenters_give_each_stream_its_worker_seeds():
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as module
+
+    asked = []
+
+    def seeds_for(stream, processes):
+        asked.append((stream, processes))
+        return [100 * stream + i for i in range(processes)]
+
+    with seeded_augmenters(seeds_for):
+        assert module.NonDetMultiThreadedAugmenter is not NonDetMultiThreadedAugmenter
+        train = module.NonDetMultiThreadedAugmenter(data_loader=[], transform=None, num_processes=2, seeds=None)
+        val = module.NonDetMultiThreadedAugmenter(data_loader=[], transform=None, num_processes=1, seeds=None)
+    assert module.NonDetMultiThreadedAugmenter is NonDetMultiThreadedAugmenter  # restored
+    assert (train.seeds, val.seeds, asked) == ([0, 1], [100], [(0, 2), (1, 1)])
+    module.NonDetMultiThreadedAugmenter = object
+    try:
+        with pytest.raises(CompatibilityError, match="seeded_augmenters"), seeded_augmenters(seeds_for):
+            pass
+    finally:
+        module.NonDetMultiThreadedAugmenter = NonDetMultiThreadedAugmenter
+
+
+def losses_of(ds: dict, dataset_folder: str, trainer: str, plans: str, env: dict) -> list[float]:
+    """Train fold 0 through the CLI, return the per-epoch training losses, and remove the run again."""
+    run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", plans, "-tr", trainer, "-device", "cpu"], env)
+    folder = os.path.join(dataset_folder, f"{trainer}__{plans}__3d_fullres")
+    checkpoint = torch.load(os.path.join(folder, "fold_0", "checkpoint_final.pth"), map_location="cpu",
+                            weights_only=False)
+    shutil.rmtree(folder)
+    return checkpoint["logging"]["train_losses"] + checkpoint["logging"]["val_losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture, trainer", [
+    ("tiny_dataset", "EncDecTrainer_3labels_2epochs_3iters_noMirroring"),
+    ("branch_dataset", "ssVAESegTrainer_3labels_2epochs_2iters_noMirroring"),
+])
+def test_same_seed_same_loss_curve_other_seed_another(request, fixture, trainer):
+    """With one augmentation worker per stream (nnUNet_n_proc_DA=1) batches arrive in order, so the seeded
+    workers make the run reproducible; another seed is the negative control."""
+    ds = request.getfixturevalue(fixture)
+    plans = ds.get("plans", "nnUNetCPUPlans")
+    env = dict(ds["env"], nnUNet_n_proc_DA="1")
+    first, again = (losses_of(ds, ds["results"], f"{trainer}_s1", plans, env) for _ in range(2))
+    other = losses_of(ds, ds["results"], f"{trainer}_s2", plans, env)
+    assert len(first) == 4 and first == again
+    assert other != first
