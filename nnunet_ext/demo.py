@@ -15,12 +15,11 @@ import sys
 import time
 
 from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, DEFAULT_NAME, DEFAULT_SHAPE, make_demo_dataset
-from nnunet_ext.pipeline import Experiment, log, run_command, trainer_name
-from nnunet_ext.trainers.names import parse_trainer_name
+from nnunet_ext.pipeline import Experiment, log, run_command
+from nnunet_ext.trainers.names import PAPER_MODELS, trainer_name
 
 PLANNER, PLANS = "nnUNetPlannerCPUGN", "nnUNetCPUGNPlans"  # one set of plans for every trainer compared
 CONFIGURATION = "3d_fullres"
-DEFAULT_TRAINERS = ("EncDec", "VAESeg", "BoundSeg", "CPCSeg", "ssVAESeg", "ssCPCSeg")
 
 
 def demo_environment(output: str) -> dict[str, str]:
@@ -77,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for data/results when nnUNet_* variables are unset, plus logs and "
                              "predictions (default ./%(default)s)")
     parser.add_argument("-d", type=int, default=DEFAULT_DATASET_ID, help="demo dataset id")
-    parser.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS),
+    parser.add_argument("--trainers", nargs="+", default=list(PAPER_MODELS),
                         help="trainer bases to compare (default: %(default)s)")
     parser.add_argument("--labels", type=int, default=6, help="label budget (default %(default)s)")
     parser.add_argument("--unlabeled", type=int, default=None,
@@ -98,10 +97,9 @@ def run(args: argparse.Namespace) -> int:
     from nnunet_ext.evaluation.evaluate import evaluate_folder
 
     started = time.time()
+    # fails on a bad name before any work
     names = [trainer_name(base, args.labels, args.unlabeled if base.startswith("ss") else None, args.epochs,
                           args.iters, mirroring=False) for base in args.trainers]
-    for name in names:  # fail on a bad name before any work
-        parse_trainer_name(name)
     args.output = os.path.abspath(args.output)
     env = demo_environment(args.output)
     log(f"writing to {args.output} (nnUNet_raw={env['nnUNet_raw']}, "

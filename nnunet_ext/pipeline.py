@@ -35,16 +35,6 @@ def run_command(cmd: list[str], env: dict[str, str], log_path: str, echo: bool =
             raise RuntimeError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}; see {log_path}")
 
 
-def trainer_name(base: str, labels: int | None = None, unlabeled: int | None = None, epochs: int | None = None,
-                 iters: int | None = None, mirroring: bool = True) -> str:
-    """Compose a trainer name from the grammar, e.g. ('EncDec', 6) -> 'EncDecTrainer_6labels'."""
-    name = base if base.endswith("Trainer") else base + "Trainer"
-    for value, suffix in ((labels, "labels"), (unlabeled, "unlabeled"), (epochs, "epochs"), (iters, "iters")):
-        if value is not None:
-            name += f"_{value}{suffix}"
-    return name if mirroring else name + "_noMirroring"
-
-
 @dataclass
 class Experiment:
     """Where one dataset/plans/configuration lives, and the environment that runs nnU-Net on it."""

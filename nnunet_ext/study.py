@@ -38,16 +38,14 @@ from nnunet_ext import pipeline
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
 from nnunet_ext.evaluation.report import CaseResult, markdown_table, write_report
-from nnunet_ext.pipeline import Experiment, log, trainer_name
-from nnunet_ext.trainers.names import BASES, TrainerNameError, parse_trainer_name
+from nnunet_ext.pipeline import Experiment, log
+from nnunet_ext.trainers.names import BASES, PAPER_MODELS, TrainerNameError, trainer_name
 
-# the paper's models by our short names (bases not in names.BASES are not implemented yet)
-PAPER_MODELS = ("EncDec", "VAESeg", "BoundSeg", "CPCSeg", "ssVAESeg", "ssCPCSeg")
 DISPATCH = ("local", "print", "submitit")
 STATUS_FILE = "study_status.json"
 # option defaults; a --preset replaces those the user did not give (see preset_options)
 DEFAULTS = {"plans": "nnUNetPlans", "configuration": "3d_fullres", "device": "cuda", "folds": [0, 1, 2, 3, 4],
-            "no_mirroring": False}
+            "no_mirroring": False, "repeats": 1, "baseline": "EncDec"}
 PRESETS = {"cpu-smoke": {"labels": [3, 6], "folds": [0], "epochs": 2, "iters": 5, "no_mirroring": True,
                          "device": "cpu"}}
 # where the cpu-smoke preset keeps nnU-Net's folders when nnUNet_* are unset (shared with `nnunet-ext demo`)
@@ -56,16 +54,18 @@ SMOKE_ROOT = "nnunet_ext_demo"
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: model (short base name), label budget, unlabeled count, and its trainer name."""
+    """One trained unit of the grid: model (short base name), label budget, unlabeled count, repeat, and its
+    trainer name (with ``_s<repeat>`` when the study has several repeats)."""
 
     model: str
     labels: int
     unlabeled: int | None
     trainer: str
+    repeat: int = 0
 
 
-def implemented_models() -> list[str]:
-    """Short names of the implemented trainer bases (``EncDecTrainer`` -> ``EncDec``)."""
+def available_models() -> list[str]:
+    """Short names of all trainer bases (``EncDecTrainer`` -> ``EncDec``)."""
     return [base.removesuffix("Trainer") for base in BASES]
 
 
@@ -74,27 +74,29 @@ def trainer_base(model: str) -> str:
     base = model if model.endswith("Trainer") else model + "Trainer"
     if base in BASES:
         return base
-    state = "is not implemented yet" if base.removesuffix("Trainer") in PAPER_MODELS else "is not a trainer base"
-    raise ValueError(f"--trainers: '{model}' {state}; implemented: {', '.join(implemented_models())} "
+    raise ValueError(f"--trainers: '{model}' is not a trainer base; available: {', '.join(available_models())} "
                      f"(give base names; label budgets come from --labels and --unlabeled)")
 
 
 def build_grid(models: Sequence[str], labels: Sequence[int], unlabeled: Sequence[int] | None = None,
-               epochs: int | None = None, iters: int | None = None, mirroring: bool = True) -> list[Cell]:
-    """Return the cells in order model, labels, unlabeled; ``unlabeled`` applies to ss trainers only."""
+               epochs: int | None = None, iters: int | None = None, mirroring: bool = True,
+               repeats: int = 1) -> list[Cell]:
+    """Return the cells in order model, labels, unlabeled, repeat; ``unlabeled`` applies to ss trainers only.
+    With several repeats, repeat K trains ``..._s<K>`` (seed K, K-th labeled subset); one repeat keeps the
+    plain name."""
     bases = list(dict.fromkeys(trainer_base(m) for m in models))
     cells = []
     for base in bases:
         counts = list(dict.fromkeys(unlabeled)) if BASES[base][1] and unlabeled else [None]
         for n in dict.fromkeys(labels):
             for m in counts:
-                name = trainer_name(base, n, m, epochs, iters, mirroring)
-                try:
-                    parse_trainer_name(name)
-                except TrainerNameError as error:
-                    raise ValueError(f"--labels/--unlabeled/--epochs/--iters give an invalid trainer: {error}") \
-                        from error
-                cells.append(Cell(base.removesuffix("Trainer"), n, m, name))
+                for repeat in range(repeats):
+                    try:
+                        name = trainer_name(base, n, m, epochs, iters, mirroring, repeat if repeats > 1 else None)
+                    except TrainerNameError as error:
+                        raise ValueError(f"--labels/--unlabeled/--epochs/--iters give an invalid trainer: "
+                                         f"{error}") from error
+                    cells.append(Cell(base.removesuffix("Trainer"), n, m, name, repeat))
     return cells
 
 
@@ -263,24 +265,41 @@ def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
         for policy in EMPTY_POLICIES:
             with open(study.summary_path(cell, policy)) as f:
                 per_case = json.load(f)["metric_per_case"]
-            results += [CaseResult(cell.trainer, cell.model, cell.labels, cell.unlabeled, tuple(study.folds), 0,
-                                   c["case"], region, policy, _metric(m["Dice"]), _metric(m["HD95"]), used)
+            results += [CaseResult(cell.trainer, cell.model, cell.labels, cell.unlabeled, tuple(study.folds),
+                                   cell.repeat, c["case"], region, policy, _metric(m["Dice"]), _metric(m["HD95"]),
+                                   used)
                         for c in per_case for region, m in c["metrics"].items()]
     return results
 
 
-def run_local(study: Study, cells: Sequence[Cell]) -> int:
+def time_left(worked: Sequence[float], remaining: int) -> str:
+    """Estimate of the time the ``remaining`` cells take, from the cells that trained or predicted so far."""
+    if not worked or not remaining:
+        return "0 s" if not remaining else "unknown"
+    seconds = sum(worked) / len(worked) * remaining
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def run_local(study: Study, cells: Sequence[Cell], baseline: str = DEFAULTS["baseline"]) -> int:
     """Run the grid sequentially, write the report; return 1 if any cell failed, else 0."""
     status_path = os.path.join(study.output, STATUS_FILE)
-    failed = []
+    failed, worked = [], []
     for index, cell in enumerate(cells, 1):
-        entry = run_cell(study, cell, f"study {index}/{len(cells)}")
+        progress = f"study {index}/{len(cells)}"
+        already = study.is_evaluated(cell)
+        start = time.time()
+        entry = run_cell(study, cell, progress)
         update_status(status_path, cell, study.folds, entry)
         if entry["state"] == "failed":
             failed.append(cell.trainer)
+        if not already:
+            worked.append(time.time() - start)
+            remaining = sum(not study.is_evaluated(c) for c in cells[index:])
+            log(f"{cell.trainer}: {worked[-1]:.0f} s; {remaining} cells to go, about "
+                f"{time_left(worked, remaining)} left", progress)
     cases = case_results(study, cells)
     if cases:
-        paths = write_report(cases, study.output)
+        paths = write_report(cases, study.output, baseline=baseline)
         print("\n" + markdown_table(cases) + "\n", flush=True)
         log("wrote " + ", ".join(paths.values()), "study")
     if failed:
@@ -372,12 +391,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", type=int, default=None, help="dataset id (with imagesTs/labelsTs)")
     parser.add_argument("--trainers", nargs="+", default=None,
                         help=f"trainer bases by short name, e.g. {' '.join(PAPER_MODELS)} "
-                             f"(implemented: {' '.join(implemented_models())})")
+                             f"(available: {' '.join(available_models())})")
     parser.add_argument("--labels", type=positive_int, nargs="+", default=None, help="label budgets, e.g. 3 6 12")
     parser.add_argument("--unlabeled", type=positive_int, nargs="+", default=None,
                         help="unlabeled counts for ss* trainers (ignored by the others; default: all available)")
     parser.add_argument("--folds", type=int, nargs="+", default=None, help="folds to train and ensemble "
                         f"(default {' '.join(map(str, DEFAULTS['folds']))})")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="train every cell R times (trainer suffix _s0.._s<R-1>: seed and labeled subset of "
+                             "each repeat) for mean ± std and paired statistics (default 1, no suffix)")
+    parser.add_argument("--baseline", default=None,
+                        help=f"model the paired differences are computed against (default {DEFAULTS['baseline']})")
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: nnU-Net's 1000)")
     parser.add_argument("--iters", type=positive_int, default=None, help="iterations per epoch (default 250)")
     parser.add_argument("--no-mirroring", action="store_true", default=None,
@@ -399,17 +423,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --dispatch submitit: submit unfinished folds again even if study_status.json "
                              "records a job for them (e.g. after a failed or cancelled job)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="cpu-smoke: the demo dataset, all implemented trainers, labels 3 6, fold 0, "
+                        help="cpu-smoke: the demo dataset, the paper's six models, labels 3 6, fold 0, "
                              "2 epochs x 5 iterations on CPU (under 15 minutes on 2 cores)")
 
 
 def preset_options(name: str) -> dict:
-    """A preset's options; cpu-smoke adds the demo's dataset and plans and all implemented trainers."""
+    """A preset's options; cpu-smoke adds the demo's dataset and plans and the paper's six models."""
     from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID
     from nnunet_ext.demo import CONFIGURATION, PLANS
 
     return dict(PRESETS[name], d=DEFAULT_DATASET_ID, plans=PLANS, configuration=CONFIGURATION,
-                trainers=implemented_models())
+                trainers=list(PAPER_MODELS))
 
 
 def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -495,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         resolve_options(args)
         cells = build_grid(args.trainers, args.labels, args.unlabeled, args.epochs, args.iters,
-                           not args.no_mirroring)
+                           not args.no_mirroring, args.repeats)
         slurm = slurm_parameters(args.slurm)
         if args.dispatch == "submitit":
             load_submitit()
@@ -506,8 +530,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"nnunet-ext study: {error}") from error
     if args.dispatch == "print":
         return print_commands(study, cells)
-    log(f"{len(cells)} cells x folds {' '.join(map(str, study.folds))} on {study.experiment.dataset_name} "
+    log(f"{len(cells)} cells ({args.repeats} repeat{'s' if args.repeats > 1 else ''} each) x folds "
+        f"{' '.join(map(str, study.folds))} on {study.experiment.dataset_name} "
         f"({study.experiment.plans}, {study.experiment.configuration}); output {study.output}", "study")
     if args.dispatch == "submitit":
         return submit_cells(study, cells, slurm, args.resubmit)
-    return run_local(study, cells)
+    return run_local(study, cells, args.baseline)

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from nnunet_ext import cli, demo, pipeline
 from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, REGION_LABELS
-from nnunet_ext.study import build_grid, prepare_smoke_dataset, resolve_options
+from nnunet_ext.study import build_grid, prepare_smoke_dataset, resolve_options, time_left
 from nnunet_ext.trainers.names import BASES
 
 DATASET = "Dataset042_Fake"
@@ -105,11 +105,21 @@ def test_grid_without_unlabeled_uses_all_and_dedupes(ss_base):
     assert cells[1].unlabeled is None
 
 
-def test_unknown_and_unimplemented_bases_are_rejected(monkeypatch):
-    monkeypatch.delitem(BASES, "VAESegTrainer", raising=False)
-    with pytest.raises(ValueError, match="--trainers: 'VAESeg' is not implemented yet; implemented: EncDec"):
-        build_grid(["EncDec", "VAESeg"], [3])
-    with pytest.raises(ValueError, match="'Foo' is not a trainer base"):
+def test_repeats_train_every_cell_with_its_seed(ss_base):
+    cells = build_grid(["EncDec", ss_base], [3], iters=4, repeats=2)
+    assert [(c.trainer, c.repeat) for c in cells] == [
+        ("EncDecTrainer_3labels_4iters_s0", 0), ("EncDecTrainer_3labels_4iters_s1", 1),
+        ("ssFakeTrainer_3labels_4iters_s0", 0), ("ssFakeTrainer_3labels_4iters_s1", 1)]
+    assert [c.trainer for c in build_grid(["EncDec"], [3], repeats=1)] == ["EncDecTrainer_3labels"]  # as before
+
+
+def test_time_left_is_estimated_from_cells_that_worked():
+    assert time_left([60.0, 120.0], 4) == "6 min" and time_left([3600.0], 2) == "2.0 h"
+    assert time_left([], 3) == "unknown" and time_left([10.0], 0) == "0 s"
+
+
+def test_unknown_bases_are_rejected():
+    with pytest.raises(ValueError, match="--trainers: 'Foo' is not a trainer base; available: EncDec, VAESeg"):
         build_grid(["Foo"], [3])
     with pytest.raises(ValueError, match="'EncDec_6labels' is not a trainer base.*--labels"):
         build_grid(["EncDec_6labels"], [3])
