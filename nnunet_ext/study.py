@@ -46,9 +46,18 @@ STATUS_FILE = "study_status.json"
 # option defaults; a --preset replaces those the user did not give (see preset_options)
 DEFAULTS = {"plans": "nnUNetPlans", "configuration": "3d_fullres", "device": "cuda", "folds": [0, 1, 2, 3, 4],
             "no_mirroring": False, "repeats": 1, "baseline": "EncDec"}
-PRESETS = {"cpu-smoke": {"labels": [3, 6], "folds": [0], "epochs": 2, "iters": 5, "no_mirroring": True,
-                         "device": "cpu"}}
-# where the cpu-smoke preset keeps nnU-Net's folders when nnUNet_* are unset (shared with `nnunet-ext demo`)
+PRESETS = {
+    "cpu-smoke": {"labels": [3, 6], "folds": [0], "epochs": 2, "iters": 5, "no_mirroring": True, "device": "cpu"},
+    # does the paper's ordering hold on CPU? Fixed before any of its results were seen (docs/study.md): 2D
+    # GroupNorm CPU plans of a synthetic dataset whose many unlabeled images show more brain, tumour and
+    # scanner variety than 3 or 6 labeled cases can; 3 seeded repeats of each cell, one fold, 1000 iterations
+    "cpu-evidence": {"trainers": ["EncDec", "CPCSeg", "ssCPCSeg", "ssVAESeg"], "labels": [3, 6], "repeats": 3,
+                     "folds": [0], "epochs": 20, "iters": 50, "device": "cpu", "configuration": "2d"},
+}
+EVIDENCE_DATASET_ID = 989
+EVIDENCE_DATA = {"num_train": 40, "num_test": 20, "num_unlabeled": 60, "shape": (40, 72, 96), "seed": 1,
+                 "variety": True}
+# where the presets keep nnU-Net's folders when nnUNet_* are unset (shared with `nnunet-ext demo`)
 SMOKE_ROOT = "nnunet_ext_demo"
 
 
@@ -423,15 +432,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --dispatch submitit: submit unfinished folds again even if study_status.json "
                              "records a job for them (e.g. after a failed or cancelled job)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="cpu-smoke: the demo dataset, the paper's six models, labels 3 6, fold 0, "
+                        help="cpu-evidence: EncDec, CPCSeg, ssCPCSeg, ssVAESeg at 3 and 6 labels, 3 repeats, 2d "
+                             "CPU plans of the synthetic BraTSVariety dataset (docs/study.md; about 3 hours on 2 "
+                             "cores). cpu-smoke: the demo dataset, the paper's six models, labels 3 6, fold 0, "
                              "2 epochs x 5 iterations on CPU (under 15 minutes on 2 cores)")
 
 
 def preset_options(name: str) -> dict:
     """A preset's options; cpu-smoke adds the demo's dataset and plans and the paper's six models."""
+    from nnunet_ext.datasets.prepare import PLANS as SYNTHETIC_PLANS
     from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID
     from nnunet_ext.demo import CONFIGURATION, PLANS
 
+    if name == "cpu-evidence":
+        return dict(PRESETS[name], d=EVIDENCE_DATASET_ID, plans=SYNTHETIC_PLANS)
     return dict(PRESETS[name], d=DEFAULT_DATASET_ID, plans=PLANS, configuration=CONFIGURATION,
                 trainers=list(PAPER_MODELS))
 
@@ -487,6 +501,18 @@ def prepare_smoke_dataset(args: argparse.Namespace, env: dict[str, str]) -> None
     demo.prepare_dataset(demo_args, env)
 
 
+def prepare_evidence_dataset(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Write, plan and preprocess the cpu-evidence preset's dataset (:data:`EVIDENCE_DATA`) when missing."""
+    from nnunet_ext.datasets.prepare import prepare_synthetic_dataset
+
+    expected = preset_options("cpu-evidence")
+    if (args.d, args.plans, args.configuration) != (expected["d"], expected["plans"], expected["configuration"]):
+        raise ValueError(f"--preset cpu-evidence prepares -d {expected['d']} -p {expected['plans']} "
+                         f"-c {expected['configuration']}; drop -d/-p/-c")
+    prepare_synthetic_dataset(env, args.d, args.configuration, os.path.join(os.path.abspath(SMOKE_ROOT), "logs"),
+                              unlabeled=any(t.startswith("ss") for t in args.trainers), **EVIDENCE_DATA)
+
+
 def check_dataset(raw: str, env: dict[str, str], plans: str) -> None:
     """Raise ValueError unless the test split and the plans exist."""
     for sub in ("imagesTs", "labelsTs"):
@@ -503,7 +529,7 @@ def make_study(args: argparse.Namespace) -> Study:
     """Resolve the environment, dataset and folders of a study from the parsed options."""
     env = study_environment(args)
     if args.preset:
-        prepare_smoke_dataset(args, env)
+        (prepare_evidence_dataset if args.preset == "cpu-evidence" else prepare_smoke_dataset)(args, env)
         env.setdefault("nnUNet_n_proc_DA", "0")  # like the demo; set after planning, which fails with 0
     raw = dataset_folder(env["nnUNet_raw"], args.d)
     check_dataset(raw, env, args.plans)

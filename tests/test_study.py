@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from nnunet_ext import cli, demo, pipeline
 from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, REGION_LABELS
-from nnunet_ext.study import build_grid, prepare_smoke_dataset, resolve_options, time_left
+from nnunet_ext.study import build_grid, prepare_evidence_dataset, prepare_smoke_dataset, resolve_options, time_left
 from nnunet_ext.trainers.names import BASES
 
 DATASET = "Dataset042_Fake"
@@ -170,6 +170,23 @@ def test_preset_fills_only_unset_options():
     assert (plain.plans, plain.configuration, plain.device, plain.folds) == ("nnUNetPlans", "3d_fullres", "cuda",
                                                                              [0, 1, 2, 3, 4])
     assert plain.no_mirroring is False
+
+
+def test_evidence_preset_is_fixed_and_prepares_its_own_dataset(monkeypatch):
+    from nnunet_ext.datasets import prepare
+
+    args = resolve_options(cli.build_parser("study").parse_args(["study", "--preset", "cpu-evidence"]))
+    assert (args.d, args.plans, args.configuration, args.repeats, args.folds, args.epochs * args.iters) == \
+        (989, "nnUNetCPUGNPlans", "2d", 3, [0], 1000)
+    assert args.trainers == ["EncDec", "CPCSeg", "ssCPCSeg", "ssVAESeg"] and args.labels == [3, 6]
+    prepared = []
+    monkeypatch.setattr(prepare, "prepare_synthetic_dataset", lambda *a, **k: prepared.append((a, k)))
+    prepare_evidence_dataset(args, {})
+    (env, dataset_id, configuration, _), kwargs = prepared[0]
+    assert (dataset_id, configuration, kwargs["variety"], kwargs["unlabeled"]) == (989, "2d", True, True)
+    with pytest.raises(ValueError, match="--preset cpu-evidence prepares -d 989 -p nnUNetCPUGNPlans -c 2d"):
+        prepare_evidence_dataset(resolve_options(cli.build_parser("study").parse_args(
+            ["study", "--preset", "cpu-evidence", "-c", "3d_fullres"])), {})
 
 
 def test_preset_prepares_the_demo_dataset_with_the_demo_arguments(monkeypatch):

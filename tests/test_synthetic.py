@@ -21,6 +21,25 @@ def test_case_labels_nested_and_channels_informative():
     assert (contrast.max(axis=0) > 0.2).all()  # every channel carries some tumour contrast
 
 
+def test_variety_draws_tumour_counts_brain_sizes_and_contrasts_a_few_cases_do_not_show():
+    from scipy.ndimage import label as components
+
+    def stats(variety: bool) -> tuple[list[int], list[int], list[float]]:
+        tumours, extents, contrasts = [], [], []
+        for seed in range(10):
+            image, label = make_case(np.random.RandomState(seed), (32, 48, 64), variety=variety)
+            tumours.append(components(label > 0)[1])
+            extents.append(int((image[0] != 0).any(axis=(0, 1)).sum()))
+            brain = (image[0] != 0) & (label == 0)
+            contrasts.append(float(image[0][label == 1].mean() / image[0][brain].mean()))  # edema in FLAIR
+        return tumours, extents, contrasts
+
+    plain, varied = stats(False), stats(True)
+    assert max(plain[0]) == 1 and max(varied[0]) >= 2  # one tumour per case, or several
+    assert np.std(varied[1]) > 2 * np.std(plain[1])  # brain sizes
+    assert np.std(varied[2]) > 2 * np.std(plain[2])  # per-site tissue contrast
+
+
 def test_dataset_is_deterministic_and_passes_nnunet_integrity_check(tmp_path):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 

@@ -26,6 +26,7 @@ TISSUE_CONTRAST = np.array([[0.9, -0.2, -0.1, 0.7],
                             [0.4, -0.3, 1.1, 0.3]])
 DEFAULT_DATASET_ID = 990
 DEFAULT_NAME = "BraTSDemo"
+VARIETY_NAME = "BraTSVariety"
 # (z, y, x); the CPU planners plan a 48 x 48 x 64 patch for it: 64 voxels along x give CPC its 3-position
 # prediction axis (context and targets apart), 48 on the others hold its 32-voxel sub-patches
 DEFAULT_SHAPE = (52, 52, 72)
@@ -43,24 +44,42 @@ def _irregular_blob(rng: np.random.RandomState, shape: Sequence[int], center: np
     return dist < 1 + roughness * noise
 
 
-def make_case(rng: np.random.RandomState, shape: Sequence[int], with_enhancing: bool = True
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """One case: image (4, *shape) float32 and label map (*shape) uint8 with nested tumour labels."""
+def make_case(rng: np.random.RandomState, shape: Sequence[int], with_enhancing: bool = True,
+              variety: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One case: image (4, *shape) float32 and label map (*shape) uint8 with nested tumour labels.
+
+    ``variety`` draws what a few cases cannot show: brains of other sizes and positions, one to three
+    tumours of any size anywhere in the brain, per-case (site) tissue contrast, a smooth bias field and
+    another noise level.
+    """
     shape = tuple(int(s) for s in shape)
-    center = np.array(shape, dtype=np.float32) / 2 + rng.uniform(-1.5, 1.5, 3)
-    brain = _irregular_blob(rng, shape, center, 0.45 * np.array(shape), roughness=0.06)  # fills each axis
+    extent = np.array(shape, dtype=np.float32)
+    if variety:
+        center = extent / 2 + rng.uniform(-0.06, 0.06, 3) * extent
+        brain = _irregular_blob(rng, shape, center, rng.uniform(0.36, 0.47, 3) * extent, roughness=0.1)
+    else:
+        center = extent / 2 + rng.uniform(-1.5, 1.5, 3)
+        brain = _irregular_blob(rng, shape, center, 0.45 * extent, roughness=0.06)  # fills each axis
     ventricles = _irregular_blob(rng, shape, center + rng.uniform(-2, 2, 3), 0.1 * min(shape), 0.3)
 
-    tumour_center = center + rng.uniform(-0.18, 0.18, 3) * np.array(shape)
-    whole = _irregular_blob(rng, shape, tumour_center, rng.uniform(0.16, 0.24) * min(shape)) & brain
-    core = _irregular_blob(rng, shape, tumour_center, rng.uniform(0.08, 0.13) * min(shape)) & whole
     label = np.zeros(shape, np.uint8)
-    label[whole] = 1
-    label[core] = 2
-    if with_enhancing:
-        rim = core & ~binary_erosion(core, iterations=2)
-        label[rim] = 3
+    for _ in range(rng.randint(1, 4) if variety else 1):
+        tumour_center = center + rng.uniform(-0.25 if variety else -0.18, 0.25 if variety else 0.18, 3) * extent
+        size = rng.uniform(0.08, 0.28) if variety else rng.uniform(0.16, 0.24)
+        whole = _irregular_blob(rng, shape, tumour_center, size * min(shape)) & brain
+        core_size = size * rng.uniform(0.3, 0.7) if variety else rng.uniform(0.08, 0.13)
+        core = _irregular_blob(rng, shape, tumour_center, core_size * min(shape)) & whole
+        label[whole & (label == 0)] = 1
+        label[core] = 2
+        if with_enhancing:
+            label[core & ~binary_erosion(core, iterations=2)] = 3
 
+    contrast = TISSUE_CONTRAST * (rng.uniform(0.5, 1.5, TISSUE_CONTRAST.shape) if variety else 1)
+    bias = 1.0
+    if variety:  # smooth multiplicative field, about ±15 % (one standard deviation)
+        field = gaussian_filter(rng.standard_normal(shape), 12)
+        bias = 1 + 0.15 * field / field.std()
+    noise = rng.uniform(0.04, 0.16) if variety else 0.08
     image = np.zeros((4, *shape), np.float32)
     texture = gaussian_filter(rng.standard_normal(shape), sigma=4)
     tissue = 1.0 + 0.1 * texture / texture.std()
@@ -68,8 +87,8 @@ def make_case(rng: np.random.RandomState, shape: Sequence[int], with_enhancing: 
         channel = np.where(brain, tissue * rng.uniform(0.8, 1.2), 0.0)
         channel[ventricles & brain] -= 0.4 if c in (0, 1, 2) else -0.6
         for lab in (1, 2, 3):
-            channel[label == lab] += TISSUE_CONTRAST[lab - 1, c]
-        channel = gaussian_filter(channel, sigma=0.7) + rng.normal(0, 0.08, shape)
+            channel[label == lab] += contrast[lab - 1, c]
+        channel = gaussian_filter(channel * bias, sigma=0.7) + rng.normal(0, noise, shape)
         scale = rng.uniform(50, 150)  # scanner-dependent intensity scale: normalisation must handle it
         image[c] = np.where(brain, channel, 0.0) * scale
     return image.astype(np.float32), label
@@ -109,15 +128,18 @@ def check_arguments(dataset_id: int, num_train: int, num_test: int, num_unlabele
 def make_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, raw_folder: str | None = None,
                       num_train: int = 20, num_test: int = 8, num_unlabeled: int = 16,
                       shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                      seed: int = 0, overwrite: bool = False, verbose: bool = True) -> str:
-    """Write the demo dataset into ``raw_folder`` (default ``$nnUNet_raw``); return its folder."""
+                      seed: int = 0, overwrite: bool = False, verbose: bool = True, variety: bool = False) -> str:
+    """Write the demo dataset into ``raw_folder`` (default ``$nnUNet_raw``); return its folder.
+
+    ``variety``: cases as :func:`make_case` draws them with ``variety`` (dataset name ``BraTSVariety``)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     raw_folder = raw_folder or os.environ.get("nnUNet_raw")
     if not raw_folder:
         raise ValueError("No raw folder: set nnUNet_raw or pass raw_folder / --raw.")
     check_arguments(dataset_id, num_train, num_test, num_unlabeled, shape, spacing, seed)
-    folder = os.path.join(raw_folder, f"Dataset{dataset_id:03d}_{DEFAULT_NAME}")
+    name = VARIETY_NAME if variety else DEFAULT_NAME
+    folder = os.path.join(raw_folder, f"Dataset{dataset_id:03d}_{name}")
     if os.path.exists(folder) and os.listdir(folder):
         if not overwrite:
             raise FileExistsError(f"{folder} exists and is not empty; pass --overwrite to replace it.")
@@ -132,19 +154,20 @@ def make_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, raw_folder: str | No
             os.makedirs(os.path.join(folder, label_folder), exist_ok=True)
         for _ in range(count):
             case_rng = np.random.RandomState(rng.randint(2**31))
-            image, label = make_case(case_rng, shape, with_enhancing=case_rng.uniform() > 0.1)
-            name = f"DEMO_{case:03d}"
+            image, label = make_case(case_rng, shape, with_enhancing=case_rng.uniform() > 0.1, variety=variety)
+            case_id = f"DEMO_{case:03d}"
             for c in range(image.shape[0]):
-                _write(image[c], os.path.join(folder, split, f"{name}_{c:04d}.nii.gz"), spacing)
+                _write(image[c], os.path.join(folder, split, f"{case_id}_{c:04d}.nii.gz"), spacing)
             if label_folder:
-                _write(label, os.path.join(folder, label_folder, f"{name}.nii.gz"), spacing)
+                _write(label, os.path.join(folder, label_folder, f"{case_id}.nii.gz"), spacing)
             case += 1
         if verbose:
             print(f"[make-demo-dataset] wrote {count} cases to {split}")
     generate_dataset_json(folder, CHANNELS, REGION_LABELS, num_train, ".nii.gz", regions_class_order=(1, 2, 3),
-                          dataset_name=f"Dataset{dataset_id:03d}_{DEFAULT_NAME}",
+                          dataset_name=f"Dataset{dataset_id:03d}_{name}",
                           description="nnunet_ext synthetic BraTS-like demo data (labels as MSD Task01)",
-                          shape=list(shape), seed=seed, num_test=num_test, num_unlabeled=num_unlabeled)
+                          shape=list(shape), seed=seed, num_test=num_test, num_unlabeled=num_unlabeled,
+                          variety=variety)
     return folder
 
 
@@ -159,11 +182,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("Z", "Y", "X"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    parser.add_argument("--variety", action="store_true",
+                        help="more anatomical, tumour and scanner variety than a few cases show (BraTSVariety)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the dataset and print where it went."""
     folder = make_demo_dataset(args.d, args.raw, args.num_train, args.num_test, args.num_unlabeled,
-                               args.shape, args.spacing, args.seed, args.overwrite)
+                               args.shape, args.spacing, args.seed, args.overwrite, variety=args.variety)
     print(f"[make-demo-dataset] dataset written to {folder}")
     return 0

@@ -1,0 +1,41 @@
+"""Write, plan and preprocess a synthetic dataset with the real commands, skipping what is already there."""
+
+from __future__ import annotations
+
+import os
+
+from nnunet_ext.datasets.synthetic import DEFAULT_NAME, VARIETY_NAME, make_demo_dataset
+from nnunet_ext.pipeline import log, run_command
+
+PLANNER, PLANS = "nnUNetPlannerCPUGN", "nnUNetCPUGNPlans"  # one set of plans for every trainer compared
+
+
+def prepare_synthetic_dataset(env: dict[str, str], dataset_id: int, configuration: str, log_folder: str,
+                              unlabeled: bool, **make_kwargs) -> str:
+    """The synthetic dataset ``dataset_id`` (``make_demo_dataset(**make_kwargs)`` unless it exists), planned with
+    :data:`PLANNER` and preprocessed for ``configuration``; with ``unlabeled`` also its imagesUnlabeled.
+
+    nnU-Net's planner fails with ``nnUNet_n_proc_DA=0``, which users set to debug training; planning and
+    preprocessing run with 2 processes whatever it says. Returns the raw dataset folder.
+    """
+    name = VARIETY_NAME if make_kwargs.get("variety") else DEFAULT_NAME
+    raw = os.path.join(env["nnUNet_raw"], f"Dataset{dataset_id:03d}_{name}")
+    if os.path.isfile(os.path.join(raw, "dataset.json")):
+        log(f"using existing dataset {raw}", "prepare")
+    else:
+        log(f"writing the synthetic dataset {raw}", "prepare")
+        make_demo_dataset(dataset_id, env["nnUNet_raw"], **make_kwargs)
+    env = dict(env, nnUNet_n_proc_DA="2")
+    preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
+    if os.path.isdir(os.path.join(preprocessed, f"{PLANS}_{configuration}")):
+        log(f"using existing preprocessed data in {preprocessed}", "prepare")
+    else:
+        if not os.path.isfile(os.path.join(preprocessed, f"{PLANS}.json")):
+            run_command(["nnunet-ext", "plan", "-d", str(dataset_id), "-pl", PLANNER, "-np", "2"], env,
+                        os.path.join(log_folder, "plan.log"))
+        run_command(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", PLANS, "-c", configuration,
+                     "-np", "2"], env, os.path.join(log_folder, "preprocess.log"))
+    if unlabeled:  # skips cases already done
+        run_command(["nnunet-ext", "preprocess-unlabeled", "-d", str(dataset_id), "-p", PLANS, "-c", configuration,
+                     "-np", "2"], env, os.path.join(log_folder, "preprocess_unlabeled.log"))
+    return raw
