@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                              "preprocess imagesUnlabeled with the dataset's plans (for ss* trainers)"),
     "evaluate": ("nnunet_ext.evaluation.evaluate", "Dice and HD95 per case and region (BraTS conventions)"),
     "convert-msd": ("nnunet_ext.datasets.msd", "convert MSD Task01_BrainTumour into an nnU-Net region dataset"),
+    "paper-split": ("nnunet_ext.datasets.paper_split",
+                    "write the paper's labeled ordering (and optionally its train/val split) for a dataset"),
     "study": ("nnunet_ext.study", "label-efficiency study: train a grid, predict, evaluate, tables and plots"),
 }
 

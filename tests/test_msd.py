@@ -173,6 +173,11 @@ def test_explicit_test_ids(msd_folder, tmp_path, as_dict):
     assert _ids(target / "labelsTs", ".nii.gz") == set(ids)
 
 
+def test_convert_msd_test_ids_paper_on_other_data_names_the_file(msd_folder, tmp_path):
+    with pytest.raises(ValueError, match="pfn_split_cv0.json: test ids must be distinct MSD training cases"):
+        msd.convert_msd_brain_tumour(msd_folder, 2, tmp_path / "raw", test_ids_file="paper", num_processes=1)
+
+
 def test_unknown_test_id_is_rejected(msd_folder, tmp_path):
     (tmp_path / "ids.json").write_text(json.dumps(["BRATS_001", "BRATS_999"]))
     with pytest.raises(ValueError, match="BRATS_999"):

@@ -39,6 +39,7 @@ MSD_LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": 
 REGIONS = {"background": 0, "whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}
 REGIONS_CLASS_ORDER = (1, 2, 3)
 PROGRESS_EVERY = 10
+PAPER = "paper"  # --test-ids value: the paper's split shipped with nnunet_ext
 
 
 def _normalized_label_names(labels: dict) -> dict[str, str]:
@@ -285,6 +286,10 @@ def convert_msd_brain_tumour(
     msd_folder = Path(msd_folder)
     msd = load_msd_dataset_json(msd_folder)
     labeled, unlabeled = msd_cases(msd_folder, msd)
+    if test_ids_file == PAPER:
+        from nnunet_ext.datasets.paper_split import paper_split_path
+
+        test_ids_file = paper_split_path()
     test_ids_file = Path(test_ids_file) if test_ids_file is not None else None
     train, test, provenance = make_split(sorted(labeled), test_size, seed, test_ids_file)
     target = target_folder(dataset_id, raw_folder)
@@ -344,7 +349,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     split.add_argument(
         "--test-ids",
         default=None,
-        help="JSON file with the test case ids: a list, or a dict with a 'test' list",
+        help="JSON file with the test case ids: a list, or a dict with a 'test' list; 'paper' for the paper's "
+        "49 test cases (shipped with nnunet_ext; see nnunet-ext paper-split)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the test draw. Default: 0")
     parser.add_argument(
