@@ -4,17 +4,24 @@ import json
 
 import pytest
 
-from nnunet_ext.data.budgets import labeled_order, load_order_file, select_labeled
+from nnunet_ext.data.budgets import DEFAULT_SEED, labeled_order, load_order_file, split_budget
 
 TRAIN = [f"case_{i:03d}" for i in range(40)]
 
 
+def labeled(train_ids, budget, order=None, seed=DEFAULT_SEED):
+    """The labeled part of split_budget, checking that the rest is the remainder of the same ordering."""
+    chosen, rest = split_budget(train_ids, budget, order, seed)
+    assert chosen + rest == labeled_order(train_ids, order, seed)
+    return chosen
+
+
 def test_budgets_are_nested_and_deterministic():
-    subsets = [select_labeled(TRAIN, n) for n in (3, 6, 12, 24)]
+    subsets = [labeled(TRAIN, n) for n in (3, 6, 12, 24)]
     for small, large in zip(subsets, subsets[1:]):
         assert large[:len(small)] == small
-    assert select_labeled(list(reversed(TRAIN)), 6) == subsets[1]  # input order does not matter
-    assert select_labeled(TRAIN, 6, seed=1) != subsets[1]
+    assert labeled(list(reversed(TRAIN)), 6) == subsets[1]  # input order does not matter
+    assert labeled(TRAIN, 6, seed=1) != subsets[1]
     assert len(set(subsets[-1])) == 24 and set(subsets[-1]) <= set(TRAIN)
 
 
@@ -23,14 +30,14 @@ def test_pinned_order_comes_first_and_skips_foreign_ids():
     ordering = labeled_order(TRAIN, order)
     assert ordering[:3] == ["case_010", "case_003", "case_020"]
     assert "val_case" not in ordering and sorted(ordering) == TRAIN
-    assert select_labeled(TRAIN, 2, order) == ["case_010", "case_003"]
+    assert labeled(TRAIN, 2, order) == ["case_010", "case_003"]
 
 
 def test_budget_larger_than_fold_fails_clearly():
     with pytest.raises(ValueError, match="exceeds the 40 training cases"):
-        select_labeled(TRAIN, 41)
+        split_budget(TRAIN, 41)
     with pytest.raises(ValueError, match="at least 1"):
-        select_labeled(TRAIN, 0)
+        split_budget(TRAIN, 0)
 
 
 def test_order_file_formats(tmp_path):
@@ -55,4 +62,4 @@ def test_paper_split_prefixes_are_budgets():
     split = json.load(open(path))
     order = load_order_file(path)
     for k, ids in split["labeled_subsets"].items():
-        assert select_labeled(split["train"], int(k), order) == ids
+        assert labeled(split["train"], int(k), order) == ids

@@ -55,12 +55,6 @@ def split_budget(train_ids: Sequence[str], budget: int, order: Sequence[str] | N
     return ordering[:budget], ordering[budget:]
 
 
-def select_labeled(train_ids: Sequence[str], budget: int, order: Sequence[str] | None = None,
-                   seed: int = DEFAULT_SEED) -> list[str]:
-    """Return the first ``budget`` cases of :func:`labeled_order`; fail when the fold has fewer."""
-    return split_budget(train_ids, budget, order, seed)[0]
-
-
 def order_file_path(preprocessed_dataset_folder: str) -> str:
     """Where a user pins the labeled ordering: next to ``splits_final.json``."""
     return os.path.join(preprocessed_dataset_folder, ORDER_FILE)
