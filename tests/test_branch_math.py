@@ -11,7 +11,6 @@ from torch.distributions import Normal, kl_divergence
 from nnunet_ext.branches import (
     CPCBranch,
     EncoderSpec,
-    GroupNorm,
     boundary_beta,
     boundary_targets,
     cpc_grid,
@@ -23,6 +22,7 @@ from nnunet_ext.branches import (
     soft_dice_loss,
     weighted_bce,
 )
+from nnunet_ext.nn import GroupNorm
 
 
 def test_kl_closed_form_hand_values():

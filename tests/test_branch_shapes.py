@@ -9,7 +9,8 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from dynamic_network_architectures.building_blocks.helper import get_matching_instancenorm
 from torch import nn
 
-from nnunet_ext.branches import BoundaryBranch, CPCBranch, GroupNorm, VAEBranch, extract_subpatches
+from nnunet_ext.branches import BoundaryBranch, CPCBranch, VAEBranch, extract_subpatches
+from nnunet_ext.nn import GroupNorm
 
 IN_CHANNELS, NUM_TARGETS = 2, 3
 ARCHS = {  # name: (unet class, conv_op, strides, kernel sizes, patch for VAE/boundary, patch for CPC)

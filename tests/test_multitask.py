@@ -15,7 +15,8 @@ from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunet_ext.branches import BoundaryBranch, CPCBranch, GroupNorm, VAEBranch
+from nnunet_ext.branches import BoundaryBranch, CPCBranch, VAEBranch
+from nnunet_ext.nn import GroupNorm
 from nnunet_ext.trainers.multitask import BranchBatch, MultiTaskLoss, MultiTaskNetwork
 
 PATCH = (32, 32, 64)  # CPC: grid (1, 1, 3)

@@ -10,17 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm usable as nnU-Net ``norm_op``: ``GroupNorm(num_channels, eps, affine, num_groups=8)``.
-
-    Uses the largest group count <= ``num_groups`` that divides ``num_channels``. Plans name it by the dotted
-    path ``nnunet_ext.branches.blocks.GroupNorm``.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, num_groups: int = 8):
-        groups = next(g for g in range(min(num_groups, num_channels), 0, -1) if num_channels % g == 0)
-        super().__init__(groups, num_channels, eps=eps, affine=affine)
+# plans written before GroupNorm moved to nnunet_ext.nn name it by this module's path: keep it importable
+from nnunet_ext.nn import GroupNorm
 
 
 def conv_ndim(conv_op: type[nn.Module]) -> int:

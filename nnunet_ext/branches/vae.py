@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.branches.base import Branch
-from nnunet_ext.branches.blocks import EncoderSpec, GroupNorm, ResBlock, conv1x1, resize
+from nnunet_ext.branches.blocks import EncoderSpec, ResBlock, conv1x1, resize
+from nnunet_ext.nn import GroupNorm
 
 
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
 
 from nnunet_ext.planners.cpu import nnUNetPlannerCPU
 
-GROUP_NORM = "nnunet_ext.branches.blocks.GroupNorm"
+GROUP_NORM = "nnunet_ext.nn.GroupNorm"  # public API: plans files store this path
 
 
 class GroupNormPlansMixin:
