@@ -2,7 +2,8 @@
 
 Extracts the dataset fingerprint first when it is missing, then writes a normal plans file into
 ``$nnUNet_preprocessed/DatasetXXX_NAME/`` that nnUNetv2_preprocess / train / predict use via ``-p``.
-nnU-Net's own planners (e.g. nnUNetPlannerResEncM) are accepted too.
+nnU-Net's own planners (e.g. nnUNetPlannerResEncM) are accepted too. Works with ``nnUNet_n_proc_DA=0``
+(nnU-Net's planner alone would crash; it plans with 1 and says so).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def plan_dataset(dataset_id: int, planner: str = "nnUNetPlannerCPU", gpu_memory_
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    from nnunet_ext.compat import planning_n_proc_DA
+
     cls = planner_class(planner)
     name = maybe_convert_to_dataset_name(dataset_id)
     fingerprint = os.path.join(nnUNet_preprocessed, name, "dataset_fingerprint.json")
@@ -60,8 +63,9 @@ def plan_dataset(dataset_id: int, planner: str = "nnUNetPlannerCPU", gpu_memory_
         extract_fingerprints([dataset_id], num_processes=num_processes or default_num_processes,
                              check_dataset_integrity=verify_integrity, clean=True)
     print(f"[nnunet-ext plan] planning {name} with {cls.__name__}")
-    _, identifier = plan_experiment_dataset(dataset_id, cls, gpu_memory_target,
-                                            overwrite_plans_name=plans_name)
+    with planning_n_proc_DA():
+        _, identifier = plan_experiment_dataset(dataset_id, cls, gpu_memory_target,
+                                                overwrite_plans_name=plans_name)
     return identifier
 
 

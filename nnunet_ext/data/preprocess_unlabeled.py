@@ -1,4 +1,5 @@
-"""Preprocess ``imagesUnlabeled/`` with the dataset's own plans, preprocessor and data format.
+"""Preprocess ``imagesUnlabeled/`` with the dataset's own plans and preprocessor, written as that preprocessor
+writes (so in the file format the trainer's ``infer_dataset_class`` reads).
 
 Writes ``$nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/`` (nnU-Net's dataset classes need
 one file type per folder) and one record per case in its ``manifest/`` folder: the raw files it was made
@@ -19,8 +20,6 @@ import multiprocessing
 import os
 import shutil
 
-import numpy as np
-
 from nnunet_ext.data.duplicates import ReferenceIndex, channel_contents, reference_index
 from nnunet_ext.data.pool import MANIFEST, UNLABELED_RAW, record_path, unlabeled_folder
 from nnunet_ext.data.raw_cases import file_signature, load_checked, raw_cases
@@ -34,6 +33,8 @@ def duplicate_check(index: ReferenceIndex, channels: list[dict]) -> dict:
 def preprocess_case(case: str, image_files: list[str], output_folder: str, plans_manager, configuration_manager,
                     dataset_json: dict, index: ReferenceIndex, accept_misaligned: bool = False) -> str:
     """Check, hash and preprocess one case; its record is in place before its properties file (case complete)."""
+    from nnunet_ext.compat import save_preprocessed_case  # imports nnU-Net's trainer: keep --help fast
+
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
     raw = load_checked(image_files, plans_manager.image_reader_writer_class(), index.dimension, accept_misaligned)
     channels = channel_contents(raw.data, raw.geometries)
@@ -54,7 +55,8 @@ def preprocess_case(case: str, image_files: list[str], output_folder: str, plans
         data, seg, properties = preprocessor.run_case_npy(raw.data, None, raw.properties, plans_manager,
                                                           configuration_manager, dataset_json)
         properties["class_locations"] = {}  # no labels: never sample foreground from an unlabeled image
-        _save(data, seg, properties, os.path.join(staging, case), configuration_manager)
+        save_preprocessed_case(preprocessor, os.path.join(staging, case), (data, seg, properties), image_files,
+                               plans_manager, configuration_manager, dataset_json)
         write_json_atomic(record_path(output_folder, case), record)
         names = sorted(os.listdir(staging), key=lambda n: n.endswith(".pkl"))  # properties last = case complete
         for name in names:
@@ -62,20 +64,6 @@ def preprocess_case(case: str, image_files: list[str], output_folder: str, plans
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return case
-
-
-def _save(data: np.ndarray, seg: np.ndarray, properties: dict, truncated: str, configuration_manager) -> None:
-    """Save like nnU-Net's preprocessor does (blosc2, chunks fitted to the patch size): the end of
-    ``DefaultPreprocessor.run_case_save``, whose start (reading the files) ``load_checked`` replaces."""
-    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
-
-    data = data.astype(np.float32, copy=False)
-    seg = seg.astype(np.int16, copy=False)
-    patch = tuple(configuration_manager.patch_size)
-    blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
-    blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
-    nnUNetDatasetBlosc2.save_case(data, seg, properties, truncated, chunks=chunks, blocks=blocks,
-                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
 
 
 def preprocess_unlabeled(dataset_id: int | str, configurations: list[str], plans: str = "nnUNetPlans",

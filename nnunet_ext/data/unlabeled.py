@@ -8,10 +8,26 @@ label (e.g. of a fold training case beyond the budget) ever leaves the loader.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+from nnunet_ext.compat import random_crops_only
+
+
+def folder_dataset_class(folder: str) -> type | None:
+    """nnU-Net's dataset class for the cases of a preprocessed folder (``infer_dataset_class``, as nnU-Net reads its
+    own folders), or None when the folder holds no complete case."""
+    if not os.path.isdir(folder) or not any(name.endswith(".pkl") for name in os.listdir(folder)):
+        return None
+    try:
+        return infer_dataset_class(folder)
+    except (AssertionError, KeyError) as error:
+        raise ValueError(f"{folder}: its cases are not in one file format that nnU-Net reads ({error!r}); delete "
+                         f"the folder and rerun 'nnunet-ext preprocess-unlabeled'") from None
 
 
 class UnlabeledDataset:
@@ -38,15 +54,14 @@ class UnlabeledDataset:
 
 
 class UnlabeledDataLoader(nnUNetDataLoader):
-    """nnU-Net's loader for the unlabeled stream: never foreground-forced (``oversample_foreground_percent``
-    0 in both of nnU-Net's oversampling modes), random crops (also on datasets with an ignore label, whose
-    annotated-voxel sampling needs labels), batches without a ``target``."""
+    """nnU-Net's loader for the unlabeled stream: random crops only (never around foreground, nor around annotated
+    voxels on datasets with an ignore label: both need labels), batches without a ``target``."""
 
     def __init__(self, data: UnlabeledDataset, batch_size: int, patch_size, final_patch_size, label_manager,
                  transforms=None):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=transforms)
-        self.has_ignore = False  # nnU-Net would crop around annotated voxels; an unlabeled case has none
+        random_crops_only(self)
 
     def generate_train_batch(self) -> dict:
         """nnU-Net's batch of augmented images; the (all-zero) segmentation is dropped."""

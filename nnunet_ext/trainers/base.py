@@ -30,6 +30,8 @@ class ExtTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self._split: tuple[list[str], list] | None = None  # see do_split
+        self.beyond_budget: list[str] = []
         spec = self.trainer_spec
         if spec.seed is not None:  # before the network is built: same weights, same batches, same augmentation
             random.seed(spec.seed)
@@ -68,15 +70,21 @@ class ExtTrainer(nnUNetTrainer):
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def do_split(self):
-        """nnU-Net's split, with the training cases cut to the label budget (ids written to disk).
+        """nnU-Net's split, with the training cases cut to the label budget; computed, logged and written to disk
+        once per trainer (nnU-Net asks again for the final validation), the same split every time.
 
         ``self.beyond_budget`` keeps the fold's other training cases, in order (semi-supervised
         trainers use their images as unlabeled data).
         """
-        tr_keys, val_keys = super().do_split()
+        if self._split is None:
+            self._split = self._budget_split(*super().do_split())
+        labeled, val_keys = self._split
+        return list(labeled), list(val_keys)  # copies: nnU-Net's datasets sort the lists they get in place
+
+    def _budget_split(self, tr_keys, val_keys) -> tuple[list[str], list]:
+        """Cut nnU-Net's training cases to the label budget; log the labeled ids and write them to disk."""
         tr_keys = [str(k) for k in tr_keys]
         budget = self.trainer_spec.labels
-        self.beyond_budget = []
         if budget is None:
             return tr_keys, val_keys
         order_file = order_file_path(self.preprocessed_dataset_folder_base)
@@ -87,9 +95,6 @@ class ExtTrainer(nnUNetTrainer):
             labeled, self.beyond_budget = split_budget(tr_keys, budget, order, self.budget_seed)
         except ValueError as e:
             raise ValueError(f"{self.__class__.__name__}, fold {self.fold}: {e}") from None
-        if getattr(self, "_budget_reported", False):  # nnU-Net splits again for the final validation
-            return labeled, val_keys
-        self._budget_reported = True
         source = f"pinned order {order_file}" if order else f"seeded order, seed {self.budget_seed}" + (
             f" (repeat {self.trainer_spec.seed}; {order_file} pins repeat 0 only)" if os.path.isfile(order_file)
             else "")

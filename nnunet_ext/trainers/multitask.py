@@ -22,10 +22,14 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_ext.branches.base import Branch
+from nnunet_ext.compat import (
+    captured_checkpoint_load,
+    captured_checkpoint_save,
+    network_built_by,
+    unwrap_network,
+)
 from nnunet_ext.trainers.base import ExtTrainer
 
 
@@ -124,15 +128,9 @@ class MultiTaskTrainer(ExtTrainer):
 
     # -- building -----------------------------------------------------------------------------------
     def initialize(self):
-        """nnU-Net's initialize, with the training network built as net + branch."""
-        # nnU-Net builds the training network through self.build_network_architecture; an instance
-        # attribute routes that one call here, while inference (nnUNetv2_predict) keeps using the
-        # plain static builder, so the branch never exists at inference.
-        self.build_network_architecture = self._build_training_network
-        try:
+        """nnU-Net's initialize, with the training network built as net + branch (inference stays plain)."""
+        with network_built_by(self, self._build_training_network):
             super().initialize()
-        finally:
-            del self.build_network_architecture
         self.loss = MultiTaskLoss(self.loss)
 
     def _build_training_network(self, plans_manager, configuration_manager, num_input_channels: int,
@@ -162,8 +160,7 @@ class MultiTaskTrainer(ExtTrainer):
     @property
     def multitask_network(self) -> MultiTaskNetwork:
         """The :class:`MultiTaskNetwork` inside DDP / torch.compile wrappers."""
-        mod = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return unwrap_network(self.network, MultiTaskNetwork)
 
     # -- training -----------------------------------------------------------------------------------
     def branch_masks(self, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -200,29 +197,26 @@ class MultiTaskTrainer(ExtTrainer):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus ``branch_weights`` (the optimizer state already covers the branch).
-
-        nnU-Net writes its dictionary to a temporary file; the branch is added there and the file is moved
-        into place in one step, so ``filename`` never exists without its branch (a run killed mid-save
-        keeps the previous checkpoint, and ``--c`` can always resume the branch).
-        """
+        """nnU-Net's checkpoint plus ``branch_weights`` (the optimizer state already covers the branch), written
+        once: to a temporary file, then moved into place, so ``filename`` never exists without its branch (a run
+        killed mid-save keeps the previous checkpoint, and ``--c`` can always resume the branch)."""
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)
             return
-        partial = f"{filename}.partial"
-        super().save_checkpoint(partial)
-        checkpoint = torch.load(partial, map_location="cpu", weights_only=False)
+        with captured_checkpoint_save() as saved:
+            super().save_checkpoint(filename)
+        checkpoint = saved[0]
         checkpoint["branch_weights"] = self.multitask_network.branch.state_dict()
         checkpoint["branch_class"] = type(self.multitask_network.branch).__name__
+        partial = f"{filename}.partial"
         torch.save(checkpoint, partial)
         os.replace(partial, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """nnU-Net's checkpoint loading, then the branch weights (an error if they are missing)."""
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        """nnU-Net's checkpoint loading, then the branch weights from the same dictionary (an error if missing)."""
+        with captured_checkpoint_load(filename_or_checkpoint) as loaded:
+            super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = loaded[0]
         if "branch_weights" not in checkpoint:
             raise RuntimeError(f"{filename_or_checkpoint}: checkpoint has no 'branch_weights'; it was not "
                                f"written by a {type(self).__name__} and cannot resume its branch.")

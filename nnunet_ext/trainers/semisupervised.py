@@ -22,10 +22,10 @@ from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunet_ext.compat import after_zero_grad
+from nnunet_ext.compat import after_zero_grad, captured_augmentation
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 from nnunet_ext.data.pool import build_pool, complete_cases, load_manifest, raw_test_ids, unlabeled_folder
-from nnunet_ext.data.unlabeled import UnlabeledDataLoader, UnlabeledDataset
+from nnunet_ext.data.unlabeled import UnlabeledDataLoader, UnlabeledDataset, folder_dataset_class
 
 
 class SemiSupervisedMixin:
@@ -50,7 +50,8 @@ class SemiSupervisedMixin:
             raise TypeError(f"{type(self).__name__}: {self.branch_class.__name__} needs labels and cannot "
                             f"learn from unlabeled images.")
         folder = unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
-        folder_ids = complete_cases(self.dataset_class, folder) if os.path.isdir(folder) else []
+        folder_class = folder_dataset_class(folder)  # its own format, as nnU-Net reads each preprocessed folder
+        folder_ids = complete_cases(folder_class, folder) if folder_class else []
         raw = os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
         pool = build_pool(self.beyond_budget, folder_ids, dataset_tr.identifiers, dataset_val.identifiers,
                           raw_test_ids(raw, self.dataset_json["file_ending"]), load_manifest(folder),
@@ -73,23 +74,19 @@ class SemiSupervisedMixin:
                       os.path.join(self.output_folder, UNLABELED_IDS_FILE), sort_keys=False)
         from_training = [i for i in selected if pool.source[i] != "imagesUnlabeled"]
         from_folder = [i for i in selected if pool.source[i] == "imagesUnlabeled"]
-        self.unlabeled_dataset = UnlabeledDataset([self.dataset_class(d, ids) for d, ids in (
-            (self.preprocessed_dataset_folder, from_training), (folder, from_folder)) if ids])
+        self.unlabeled_dataset = UnlabeledDataset([cls(d, ids) for cls, d, ids in (
+            (self.dataset_class, self.preprocessed_dataset_folder, from_training),
+            (folder_class, folder, from_folder)) if ids])
         return dataset_tr, dataset_val
 
-    def get_training_transforms(self, *args, **kwargs):
-        """nnU-Net's training transforms (the unlabeled stream reuses exactly these)."""
-        self.training_transforms = super().get_training_transforms(*args, **kwargs)
-        return self.training_transforms
-
     def get_dataloaders(self):
-        """nnU-Net's own loaders, unchanged, plus ``self.dataloader_unlabeled`` with the same transforms and
-        the same kind and number of augmentation workers."""
-        dataloader_train, dataloader_val = super().get_dataloaders()
-        initial_patch_size = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]
-        loader = UnlabeledDataLoader(self.unlabeled_dataset, self.unlabeled_per_step(), initial_patch_size,
+        """nnU-Net's own loaders, unchanged, plus ``self.dataloader_unlabeled`` with the same transforms, initial
+        patch size and kind and number of augmentation workers."""
+        with captured_augmentation(self) as augmentation:
+            dataloader_train, dataloader_val = super().get_dataloaders()
+        loader = UnlabeledDataLoader(self.unlabeled_dataset, self.unlabeled_per_step(), augmentation.initial_patch_size,
                                      self.configuration_manager.patch_size, self.label_manager,
-                                     transforms=self.training_transforms)
+                                     transforms=augmentation.transforms)
         processes = get_allowed_n_proc_DA()
         if processes == 0:
             self.dataloader_unlabeled = SingleThreadedAugmenter(loader, None)
