@@ -74,4 +74,6 @@ def test_cpc_refuses_a_patch_too_small_for_its_grid(ct_dataset):
     proc = train(ct_dataset, f"CPCSegTrainer_{SHORT}")
     assert proc.returncode != 0
     patch = tuple(ct_dataset["plan"]["patch_size"])
-    assert "CPC needs at least 48 voxels on every axis" in proc.stderr and str(patch) in proc.stderr
+    # the ct plan's patch is 24 voxels on axis 0: below the 32-voxel sub-patch, and the message says what to plan
+    assert "CPC needs at least 32 voxels on every axis" in proc.stderr and str(patch) in proc.stderr
+    assert "plan a patch of at least 32 per axis and 64 along one axis" in proc.stderr
