@@ -14,11 +14,12 @@ import os
 import sys
 import time
 
-from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, DEFAULT_NAME, DEFAULT_SHAPE, make_demo_dataset
-from nnunet_ext.pipeline import Experiment, log, run_command
-from nnunet_ext.trainers.names import PAPER_MODELS, trainer_name
+from nnunet_ext.datasets.prepare import PLANS, prepare_synthetic_dataset
+from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, DEFAULT_SHAPE
+from nnunet_ext.evaluation.report import markdown_table, summary_case_results
+from nnunet_ext.pipeline import Experiment, log
+from nnunet_ext.trainers.names import PAPER_MODELS, parse_trainer_name, trainer_name
 
-PLANNER, PLANS = "nnUNetPlannerCPUGN", "nnUNetCPUGNPlans"  # one set of plans for every trainer compared
 CONFIGURATION = "3d_fullres"
 
 
@@ -34,40 +35,23 @@ def demo_environment(output: str) -> dict[str, str]:
 
 
 def prepare_dataset(args: argparse.Namespace, env: dict[str, str]) -> str:
-    """Write the demo dataset (unless present), plan it with the CPU planner and preprocess it."""
-    raw = os.path.join(env["nnUNet_raw"], f"Dataset{args.d:03d}_{DEFAULT_NAME}")
-    if os.path.isfile(os.path.join(raw, "dataset.json")):
-        log(f"using existing demo dataset {raw}", "demo")
-    else:
-        log("writing the synthetic demo dataset", "demo")
-        make_demo_dataset(args.d, env["nnUNet_raw"], args.num_train, args.num_test, args.num_unlabeled,
-                          shape=args.shape, seed=args.seed)
-    preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
-    if not os.path.isdir(os.path.join(preprocessed, f"{PLANS}_{CONFIGURATION}")):
-        logs = os.path.join(args.output, "logs")
-        run_command(["nnunet-ext", "plan", "-d", str(args.d), "-pl", PLANNER, "-np", "2"],
-                    env, os.path.join(logs, "plan.log"))
-        run_command(["nnUNetv2_preprocess", "-d", str(args.d), "-plans_name", PLANS, "-c", CONFIGURATION,
-                     "-np", "2"], env, os.path.join(logs, "preprocess.log"))
-    else:
-        log(f"using existing preprocessed data in {preprocessed}", "demo")
-    if any(t.startswith("ss") for t in args.trainers):  # skips cases already done
-        run_command(["nnunet-ext", "preprocess-unlabeled", "-d", str(args.d), "-p", PLANS, "-c", CONFIGURATION,
-                     "-np", "2"], env, os.path.join(args.output, "logs", "preprocess_unlabeled.log"))
-    return raw
+    """Write the demo dataset (unless present), plan it with the CPU GroupNorm planner and preprocess it (and its
+    unlabeled images when a semi-supervised trainer is compared); return its raw folder."""
+    return prepare_synthetic_dataset(env, args.d, CONFIGURATION, os.path.join(args.output, "logs"),
+                                     unlabeled=any(t.startswith("ss") for t in args.trainers),
+                                     num_train=args.num_train, num_test=args.num_test,
+                                     num_unlabeled=args.num_unlabeled, shape=args.shape, seed=args.seed)
 
 
 def results_table(rows: dict[str, dict]) -> str:
-    """Markdown table: one row per trainer, Dice and HD95 per region (mean over test cases)."""
-    regions = list(next(iter(rows.values()))["summary"])
-    head = "| trainer | " + " | ".join(f"Dice {r}" for r in regions) + " | " + \
-        " | ".join(f"HD95 {r} (mm)" for r in regions) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(regions))]
-    for name, result in rows.items():
-        s = result["summary"]
-        lines.append(f"| {name} | " + " | ".join(f"{s[r]['Dice']['mean']:.4f}" for r in regions) + " | " +
-                     " | ".join(f"{s[r]['HD95']['mean']:.2f}" for r in regions) + " |")
-    return "\n".join(lines)
+    """The study's Table 1 (``report.markdown_table``) of the demo's trainers: Dice and HD95 per region, mean over
+    the test cases, under the convention of the summaries (``rows``: trainer name -> ``evaluate_folder``)."""
+    cases = []
+    for name, summary in rows.items():
+        spec = parse_trainer_name(name)
+        cases += summary_case_results(summary, name, spec.base.removesuffix("Trainer"), spec.labels, spec.unlabeled,
+                                      folds=())
+    return markdown_table(cases, policy=cases[0].policy)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shlex
 import sys
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from nnunet_ext import pipeline
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
-from nnunet_ext.evaluation.report import CaseResult, markdown_table, write_report
+from nnunet_ext.evaluation.report import CaseResult, markdown_table, summary_case_results, write_report
 from nnunet_ext.pipeline import Experiment, log
 from nnunet_ext.trainers.names import BASES, PAPER_MODELS, TrainerNameError, trainer_name
 
@@ -259,11 +258,6 @@ def update_status(path: str, cell: Cell, folds: list[int], entry: dict) -> None:
         json.dump(status, f, indent=2)
 
 
-def _metric(value: float | None) -> float:
-    """A summary value as float (the JSON writes NaN as null)."""
-    return math.nan if value is None else float(value)
-
-
 def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
     """Read the per-case metrics of the evaluated cells (every empty-mask convention) for the report."""
     results = []
@@ -273,11 +267,9 @@ def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
         used = study.unlabeled_used(cell)
         for policy in EMPTY_POLICIES:
             with open(study.summary_path(cell, policy)) as f:
-                per_case = json.load(f)["metric_per_case"]
-            results += [CaseResult(cell.trainer, cell.model, cell.labels, cell.unlabeled, tuple(study.folds),
-                                   cell.repeat, c["case"], region, policy, _metric(m["Dice"]), _metric(m["HD95"]),
-                                   used)
-                        for c in per_case for region, m in c["metrics"].items()]
+                summary = json.load(f)
+            results += summary_case_results(summary, cell.trainer, cell.model, cell.labels, cell.unlabeled,
+                                            study.folds, cell.repeat, used)
     return results
 
 

@@ -245,3 +245,22 @@ def test_cli_hooks(folders, tmp_path, capsys):
     assert "enhancing tumor" in capsys.readouterr().out
     defaults = parser.parse_args([str(gt), str(pred), "-djfile", str(dataset_json)])
     assert defaults.empty_policy == "brats" and defaults.o is None and not defaults.chill
+
+
+@pytest.mark.parametrize("policy", ["brats", "nan"])
+def test_summary_case_results_and_the_demo_table_read_the_summary_as_written(folders, tmp_path, policy):
+    from nnunet_ext.demo import results_table
+    from nnunet_ext.evaluation.report import summary_case_results
+
+    gt, pred, dataset_json = folders
+    evaluate.evaluate_folder(gt, pred, dataset_json, tmp_path / "summary.json", policy=policy)
+    summary = json.loads((tmp_path / "summary.json").read_text())  # as the study reads it: NaN written as null
+    cases = summary_case_results(summary, "EncDecTrainer_6labels", "EncDec", 6, None, (0, 1))
+    assert len(cases) == 9 and {c.policy for c in cases} == {policy}
+    et = {c.case: c for c in cases if c.region == "enhancing tumor"}
+    assert et["case_b"].dice == 0.0 and et["case_b"].folds == (0, 1)
+    assert et["case_c"].dice == (1.0 if policy == "brats" else pytest.approx(math.nan, nan_ok=True))
+    table = results_table({"ssCPCSegTrainer_6labels_10unlabeled": summary}).splitlines()
+    assert table[0].startswith("| model | labels | unlabeled | Dice ET | Dice TC | Dice WT |")
+    et_mean = "0.6667" if policy == "brats" else "0.5000"  # case_c has no ET: 1 (BraTS) or left out (nnU-Net)
+    assert table[2].startswith(f"| ssCPCSeg | 6 | 10 | {et_mean} | ")

@@ -75,6 +75,19 @@ class CaseResult:
     unlabeled_used: tuple[int, ...] = ()
 
 
+def summary_case_results(summary: dict, trainer: str, model: str, labels: int, unlabeled: int | None,
+                         folds: Sequence[int], repeat: int = 0, unlabeled_used: Sequence[int] = ()) -> list[CaseResult]:
+    """The :class:`CaseResult` of every test case and region in one ``evaluate_folder`` summary (its policy); a
+    metric the JSON wrote as null (NaN) is NaN."""
+    def value(v: float | None) -> float:
+        return math.nan if v is None else float(v)
+
+    policy = summary["conventions"]["empty_policy"]
+    return [CaseResult(trainer, model, labels, unlabeled, tuple(folds), repeat, c["case"], region, policy,
+                       value(m["Dice"]), value(m["HD95"]), tuple(unlabeled_used))
+            for c in summary["metric_per_case"] for region, m in c["metrics"].items()]
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """Test-set means (NaN left out) of one region for one repeat of a cell under one policy: a CSV line."""
