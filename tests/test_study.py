@@ -400,28 +400,40 @@ def test_bad_slurm_parameter_is_an_error(fake_nnunet, capsys):
 
 @pytest.mark.slow
 def test_tiny_real_grid_through_the_cli(tiny_dataset, tmp_path):
+    """Two models x 2 repeats through the real commands: per-repeat rows, the paired table, the plots, and a
+    rerun that trains and predicts nothing."""
     ds = tiny_dataset
     output = tmp_path / "study"
-    cmd = ["nnunet-ext", "study", "-d", str(ds["id"]), "--trainers", "EncDec", "--labels", "2", "3", "--folds", "0",
-           "--epochs", "1", "--iters", "2", "--no-mirroring", "--device", "cpu", "-p", "nnUNetCPUPlans",
-           "--output", str(output)]
+    cmd = ["nnunet-ext", "study", "-d", str(ds["id"]), "--trainers", "EncDec", "VAESeg", "--labels", "2",
+           "--repeats", "2", "--folds", "0", "--epochs", "1", "--iters", "2", "--no-mirroring", "--device", "cpu",
+           "-p", "nnUNetCPUPlans", "--output", str(output)]
     env = dict(ds["env"], OMP_NUM_THREADS="1")
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    assert "[study 2/2] EncDecTrainer_3labels_1epochs_2iters_noMirroring fold 0: training" in first.stdout
+    assert "[study 4/4] VAESegTrainer_2labels_1epochs_2iters_noMirroring_s1 fold 0: training" in first.stdout
+    assert "cells to go, about" in first.stdout
     with open(output / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12 and {r["labels"] for r in rows} == {"2", "3"} and {r["policy"] for r in rows} == \
-        {"brats", "nan"}  # 2 cells x 3 regions x both empty-mask conventions
+    # 2 models x 2 repeats x 3 regions x both empty-mask conventions
+    assert len(rows) == 24 and {r["repeat"] for r in rows} == {"0", "1"} and {r["policy"] for r in rows} == \
+        {"brats", "nan"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows if r["policy"] == "brats")
-    assert "| model | labels | unlabeled | Dice ET |" in (output / "results.md").read_text()
-    assert (output / "fig2_dice_vs_labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    checkpoints = [os.path.join(ds["results"], f"EncDecTrainer_{n}labels_1epochs_2iters_noMirroring__nnUNetCPUPlans"
-                                "__3d_fullres", "fold_0", "checkpoint_final.pth") for n in (2, 3)]
+    report = (output / "results.md").read_text()
+    assert "| model | labels | unlabeled | Dice ET |" in report and "Paired differences to EncDec" in report
+    assert "| VAESeg | – | ET | 2 |" in report  # the paired row of VAESeg vs EncDec over both repeats
+    for figure in ("fig2_dice_vs_labels.png", "fig_paired_dice.png"):
+        assert (output / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labeled = [json.load(open(os.path.join(ds["results"], f"EncDecTrainer_2labels_1epochs_2iters_noMirroring_s{r}"
+                                           "__nnUNetCPUPlans__3d_fullres", "fold_0", "labeled_cases.json")))
+               for r in (0, 1)]
+    assert [x["seed"] for x in labeled] == [0, 1] and labeled[0]["labeled"] != labeled[1]["labeled"]
+    checkpoints = [os.path.join(ds["results"], f"{m}Trainer_2labels_1epochs_2iters_noMirroring_s{r}__nnUNetCPUPlans"
+                                "__3d_fullres", "fold_0", "checkpoint_final.pth") for m in ("EncDec", "VAESeg")
+                   for r in (0, 1)]
     mtimes = [os.path.getmtime(c) for c in checkpoints]
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "nnUNetv2_train" not in second.stdout and "nnUNetv2_predict" not in second.stdout
-    assert second.stdout.count("already trained, skipping") == 2
+    assert second.stdout.count("already trained, skipping") == 4
     assert [os.path.getmtime(c) for c in checkpoints] == mtimes
