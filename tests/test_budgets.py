@@ -55,11 +55,11 @@ def test_order_file_formats(tmp_path):
 
 def test_paper_split_prefixes_are_budgets():
     """The paper's labeled subsets are prefixes of its train list: pinning it reproduces them."""
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "pfn_split_cv0.json")
-    if not os.path.isfile(path):
-        pytest.skip("paper split file not available")
-    split = json.load(open(path))
+    from nnunet_ext.datasets.paper_split import load_paper_split, paper_split_path
+
+    path = paper_split_path()  # the copy shipped inside the package
+    split = load_paper_split()
+    assert split["labeled_subsets"]
     order = load_order_file(path)
     for k, ids in split["labeled_subsets"].items():
         assert labeled(split["train"], int(k), order) == ids
