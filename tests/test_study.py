@@ -176,8 +176,8 @@ def test_evidence_preset_is_fixed_and_prepares_its_own_dataset(monkeypatch):
     from nnunet_ext.datasets import prepare
 
     args = resolve_options(cli.build_parser("study").parse_args(["study", "--preset", "cpu-evidence"]))
-    assert (args.d, args.plans, args.configuration, args.repeats, args.folds, args.epochs * args.iters) == \
-        (989, "nnUNetCPUGNPlans", "2d", 3, [0], 1000)
+    assert (args.d, args.plans, args.configuration, args.repeats, args.folds, args.epochs * args.iters,
+            args.no_mirroring) == (989, "nnUNetCPUGNPlans", "2d", 3, [0], 500, True)
     assert args.trainers == ["EncDec", "CPCSeg", "ssCPCSeg", "ssVAESeg"] and args.labels == [3, 6]
     prepared = []
     monkeypatch.setattr(prepare, "prepare_synthetic_dataset", lambda *a, **k: prepared.append((a, k)))
