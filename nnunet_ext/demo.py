@@ -18,7 +18,7 @@ from nnunet_ext.datasets.prepare import PLANS, prepare_synthetic_dataset
 from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, DEFAULT_SHAPE
 from nnunet_ext.evaluation.report import markdown_table, summary_case_results
 from nnunet_ext.pipeline import Experiment, log
-from nnunet_ext.trainers.names import PAPER_MODELS, parse_trainer_name, trainer_name
+from nnunet_ext.trainers.names import PAPER_MODELS, is_semi_supervised, parse_trainer_name, trainer_name
 
 CONFIGURATION = "3d_fullres"
 
@@ -38,7 +38,7 @@ def prepare_dataset(args: argparse.Namespace, env: dict[str, str]) -> str:
     """Write the demo dataset (unless present), plan it with the CPU GroupNorm planner and preprocess it (and its
     unlabeled images when a semi-supervised trainer is compared); return its raw folder."""
     return prepare_synthetic_dataset(env, args.d, CONFIGURATION, os.path.join(args.output, "logs"),
-                                     unlabeled=any(t.startswith("ss") for t in args.trainers),
+                                     unlabeled=any(map(is_semi_supervised, args.trainers)),
                                      num_train=args.num_train, num_test=args.num_test,
                                      num_unlabeled=args.num_unlabeled, shape=args.shape, seed=args.seed)
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.time()
     # fails on a bad name before any work
-    names = [trainer_name(base, args.labels, args.unlabeled if base.startswith("ss") else None, args.epochs,
+    names = [trainer_name(base, args.labels, args.unlabeled if is_semi_supervised(base) else None, args.epochs,
                           args.iters, mirroring=False) for base in args.trainers]
     args.output = os.path.abspath(args.output)
     env = demo_environment(args.output)

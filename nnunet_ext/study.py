@@ -38,7 +38,7 @@ from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
 from nnunet_ext.evaluation.report import CaseResult, markdown_table, summary_case_results, write_report
 from nnunet_ext.pipeline import Experiment, log
-from nnunet_ext.trainers.names import BASES, PAPER_MODELS, TrainerNameError, trainer_name
+from nnunet_ext.trainers.names import BASES, PAPER_MODELS, TrainerNameError, is_semi_supervised, trainer_name
 
 DISPATCH = ("local", "print", "submitit")
 STATUS_FILE = "study_status.json"
@@ -98,7 +98,7 @@ def build_grid(models: Sequence[str], labels: Sequence[int], unlabeled: Sequence
     bases = list(dict.fromkeys(trainer_base(m) for m in models))
     cells = []
     for base in bases:
-        counts = list(dict.fromkeys(unlabeled)) if BASES[base][1] and unlabeled else [None]
+        counts = list(dict.fromkeys(unlabeled)) if is_semi_supervised(base) and unlabeled else [None]
         for n in dict.fromkeys(labels):
             for m in counts:
                 for repeat in range(repeats):
@@ -506,7 +506,7 @@ def prepare_evidence_dataset(args: argparse.Namespace, env: dict[str, str]) -> N
         raise ValueError(f"--preset cpu-evidence prepares -d {expected['d']} -p {expected['plans']} "
                          f"-c {expected['configuration']}; drop -d/-p/-c")
     prepare_synthetic_dataset(env, args.d, args.configuration, os.path.join(os.path.abspath(SMOKE_ROOT), "logs"),
-                              unlabeled=any(t.startswith("ss") for t in args.trainers), **EVIDENCE_DATA)
+                              unlabeled=any(map(is_semi_supervised, args.trainers)), **EVIDENCE_DATA)
 
 
 def check_dataset(raw: str, env: dict[str, str], plans: str) -> None:

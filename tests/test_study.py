@@ -164,7 +164,7 @@ def test_preset_fills_only_unset_options():
     resolve_options(args)
     assert args.d == DEFAULT_DATASET_ID and args.plans == demo.PLANS
     assert args.labels == [4] and args.folds == [0] and args.device == "cpu" and args.no_mirroring
-    assert args.trainers == [b.removesuffix("Trainer") for b in BASES]
+    assert args.trainers == ["EncDec", "VAESeg", "BoundSeg", "CPCSeg", "ssVAESeg", "ssCPCSeg"]  # the paper's six
     plain = resolve_options(cli.build_parser("study").parse_args(["study", "-d", "1", "--trainers", "EncDec",
                                                                   "--labels", "3"]))
     assert (plain.plans, plain.configuration, plain.device, plain.folds) == ("nnUNetPlans", "3d_fullres", "cuda",

@@ -31,10 +31,17 @@ BASES: dict[str, tuple[str, bool]] = {
     "CPCSegTrainer": ("nnunet_ext.trainers.cpc", False),
     "ssVAESegTrainer": ("nnunet_ext.trainers.vae", True),
     "ssCPCSegTrainer": ("nnunet_ext.trainers.cpc", True),
+    "MeanTeacherTrainer": ("nnunet_ext.trainers.meanteacher", True),
 }
 
 # the six models of the paper's Table 1, by their short names (the demo's and the cpu-smoke preset's default)
-PAPER_MODELS = tuple(base.removesuffix("Trainer") for base in BASES)
+PAPER_MODELS = ("EncDec", "VAESeg", "BoundSeg", "CPCSeg", "ssVAESeg", "ssCPCSeg")
+
+
+def is_semi_supervised(model: str) -> bool:
+    """Whether a trainer base (``ssCPCSeg`` or ``ssCPCSegTrainer``) learns from unlabeled images; raise KeyError
+    for an unknown one."""
+    return BASES[model if model.endswith("Trainer") else model + "Trainer"][1]
 
 _SUFFIXES = (
     ("labels", re.compile(r"^(\d+)labels$")),

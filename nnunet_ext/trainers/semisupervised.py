@@ -46,7 +46,7 @@ class SemiSupervisedMixin:
         """nnU-Net's training (the label budget) and validation datasets, unchanged; also builds the fold's
         leakage-guarded unlabeled dataset (``self.unlabeled_dataset``) and writes its ids to disk."""
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
-        if self.branch_class.needs_target:
+        if self.branch_class is not None and self.branch_class.needs_target:
             raise TypeError(f"{type(self).__name__}: {self.branch_class.__name__} needs labels and cannot "
                             f"learn from unlabeled images.")
         folder = unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)

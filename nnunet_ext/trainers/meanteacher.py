@@ -1,0 +1,215 @@
+"""Mean teacher (Tarvainen & Valpola 2017) on nnU-Net's planned network: the alternative nnU-Net users try.
+
+Student = the network nnU-Net trains (its loss, loader, schedule, unchanged); teacher = an exponential
+moving average (EMA) of the student's weights that never receives gradients. Each optimizer step adds a
+consistency loss, the mean squared difference between student and teacher probabilities (sigmoid for
+region datasets, softmax otherwise) on the same crops under different perturbations:
+
+- labeled crops: the student's prediction is nnU-Net's own forward pass (no extra student pass); the teacher
+  sees the same crop with an extra intensity perturbation;
+- unlabeled crops (the ss trainers' loader, pool and leakage guard; ``_<M>unlabeled``): student and
+  teacher each see the crop with their own intensity perturbation; the student's pass is accumulated into
+  nnU-Net's optimizer step like the ss trainers' unlabeled pass.
+
+The perturbation is per-sample intensity (multiply by ``1 + U(-s, s)``, add ``N(0, σ²)`` noise): nothing
+spatial, so both predictions stay on the same voxels. The consistency weight ramps up with
+``exp(-5 (1 - t)²)`` over the first ``rampup_fraction`` of training; the EMA decay is
+``min(1 - 1 / (step + 1), ema_decay)`` (the paper's ramp).
+
+Checkpoints: ``network_weights`` are the **student's**, as for every nnU-Net trainer (so ``nnUNetv2_predict``
+and the final validation use the student, and the checkpoint loads strictly into the stock network);
+``teacher_weights`` hold the teacher, and ``--c`` restores both.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_ext.compat import captured_checkpoint_load, captured_checkpoint_save, unwrap_network
+from nnunet_ext.trainers.base import ExtTrainer
+from nnunet_ext.trainers.names import TrainerSpec
+from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
+
+
+def sigmoid_rampup(step: int, rampup_steps: int) -> float:
+    """``exp(-5 (1 - t)²)`` with ``t = step / rampup_steps`` clipped to [0, 1] (1 from ``rampup_steps`` on)."""
+    if rampup_steps <= 0:
+        return 1.0
+    t = min(max(step / rampup_steps, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay of optimizer step ``step`` (0-based): ``min(1 - 1 / (step + 1), decay)``, so the teacher
+    follows the student closely while the student changes fastest."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """``teacher = decay * teacher + (1 - decay) * student`` for every parameter; buffers are copied."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        t.copy_(s)
+
+
+def perturb(x: torch.Tensor, scale: float, noise_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample intensity perturbation: ``x * (1 + U(-scale, scale)) + N(0, noise_std²)``."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    factor = 1.0 + (torch.rand(shape, generator=generator, device="cpu") * 2 - 1).to(x) * scale
+    noise = torch.randn(x.shape, generator=generator, device="cpu").to(x) * noise_std
+    return x * factor + noise
+
+
+def probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Sigmoid per region, or softmax over the class axis (1) of a batch."""
+    return torch.sigmoid(logits.float()) if regions else torch.softmax(logits.float(), 1)
+
+
+def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Mean squared difference of the two probability maps (the teacher's is a constant)."""
+    return torch.mean((probabilities(student_logits, regions) - probabilities(teacher_logits, regions).detach()) ** 2)
+
+
+def full_resolution(output):
+    """The full-resolution output of a network with or without deep supervision."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+class ConsistencyLoss(nn.Module):
+    """nnU-Net's segmentation loss, plus ``weight * consistency`` when a teacher prediction is pending (training
+    steps); validation outputs get nnU-Net's loss only. ``last`` keeps the detached parts for the log."""
+
+    def __init__(self, seg_loss: nn.Module, regions: bool):
+        super().__init__()
+        self.seg_loss = seg_loss
+        self.regions = regions
+        self.pending: tuple[torch.Tensor, float] | None = None  # (teacher logits, weight)
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, output, target):
+        """Segmentation loss, plus the weighted consistency of a training step."""
+        seg = self.seg_loss(output, target)
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return seg
+        teacher, weight = pending
+        consistency = consistency_loss(full_resolution(output), teacher, self.regions)
+        self.last = {"seg_loss": seg.detach(), "consistency_labeled": consistency.detach()}
+        return seg + weight * consistency
+
+
+class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
+    """nnU-Net's network trained as the student of an EMA teacher, on labeled and unlabeled crops.
+
+    ``consistency_weight`` is the ramped-up weight's final value; the perturbation is ``intensity_scale`` and
+    ``noise_std`` (nnU-Net's images are z-scored, so these are in units of the image's standard deviation).
+    """
+
+    trainer_spec = TrainerSpec(base="MeanTeacherTrainer")
+    branch_class = None  # no branch: the unlabeled pass is the consistency loss
+    ema_decay: ClassVar[float] = 0.99
+    consistency_weight: ClassVar[float] = 1.0
+    rampup_fraction: ClassVar[float] = 0.2
+    intensity_scale: ClassVar[float] = 0.1
+    noise_std: ClassVar[float] = 0.1
+
+    # -- building -----------------------------------------------------------------------------------
+    def initialize(self):
+        """nnU-Net's initialize, then the teacher: a copy of the student that never receives gradients."""
+        super().initialize()
+        student = unwrap_network(self.network, nn.Module)
+        self.teacher = copy.deepcopy(student).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.decoder.deep_supervision = False  # the consistency uses the full-resolution output only
+        self.loss = ConsistencyLoss(self.loss, self.label_manager.has_regions)
+        self.mean_teacher_step = 0  # optimizer steps so far (restored by --c)
+        self.perturbation = torch.Generator().manual_seed(self.budget_seed + 7)
+
+    @property
+    def student(self) -> nn.Module:
+        """The student inside DDP / torch.compile wrappers."""
+        return unwrap_network(self.network, nn.Module)
+
+    def consistency_weight_now(self) -> float:
+        """The consistency weight of the current step (sigmoid ramp-up over ``rampup_fraction`` of training)."""
+        total = self.num_epochs * self.num_iterations_per_epoch
+        return self.consistency_weight * sigmoid_rampup(self.mean_teacher_step, round(self.rampup_fraction * total))
+
+    @torch.no_grad()
+    def teacher_logits(self, data: torch.Tensor) -> torch.Tensor:
+        """The teacher's full-resolution logits of a perturbed copy of ``data``."""
+        data = perturb(data.to(self.device, non_blocking=True), self.intensity_scale, self.noise_std,
+                       self.perturbation)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            return full_resolution(self.teacher(data)).float()
+
+    # -- training -----------------------------------------------------------------------------------
+    def unlabeled_backward(self, data: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of the weighted consistency loss on an unlabeled batch (student and teacher each
+        on their own perturbation); the gradient accumulates into nnU-Net's step (see SemiSupervisedMixin)."""
+        data = data.to(self.device, non_blocking=True)
+        teacher = self.teacher_logits(data)
+        student_input = perturb(data, self.intensity_scale, self.noise_std, self.perturbation)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            student = full_resolution(self.student(student_input))
+            loss = self.consistency_weight_now() * consistency_loss(student, teacher, self.label_manager.has_regions)
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+        return loss.detach()
+
+    def train_step(self, batch: dict) -> dict:
+        """One step: the teacher's prediction of the labeled crops is handed to the loss, the ss step runs (the
+        unlabeled consistency pass, then nnU-Net's labeled step), then the teacher follows the student."""
+        self.loss.pending = (self.teacher_logits(batch["data"]), self.consistency_weight_now())
+        try:
+            result = super().train_step(batch)
+        finally:
+            self.loss.pending = None
+        ema_update(self.teacher, self.student, ema_decay_at(self.mean_teacher_step, self.ema_decay))
+        self.mean_teacher_step += 1
+        result.update({k: v.cpu().numpy() for k, v in self.loss.last.items()})
+        result["consistency_weight"] = np.float32(self.consistency_weight_now())
+        return result
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        """nnU-Net's epoch end, plus the mean of every loss part in the log."""
+        super().on_train_epoch_end(train_outputs)
+        for key in dict.fromkeys(k for o in train_outputs for k in o if k != "loss"):
+            values = [o[key] for o in train_outputs if key in o]
+            self.print_to_log_file(f"{key} {np.round(float(np.mean(values)), decimals=4)}")
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint (student in ``network_weights``) plus ``teacher_weights`` and the step count,
+        written once and moved into place."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)
+            return
+        with captured_checkpoint_save() as saved:
+            super().save_checkpoint(filename)
+        checkpoint = saved[0]
+        checkpoint["teacher_weights"] = self.teacher.state_dict()
+        checkpoint["mean_teacher_step"] = self.mean_teacher_step
+        partial = f"{filename}.partial"
+        torch.save(checkpoint, partial)
+        os.replace(partial, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's checkpoint loading, then the teacher and the step count (an error if they are missing)."""
+        with captured_checkpoint_load(filename_or_checkpoint) as loaded:
+            super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = loaded[0]
+        if "teacher_weights" not in checkpoint:
+            raise RuntimeError(f"{filename_or_checkpoint}: checkpoint has no 'teacher_weights'; it was not written "
+                               f"by a {type(self).__name__} and cannot resume its teacher.")
+        self.teacher.load_state_dict(checkpoint["teacher_weights"])
+        self.mean_teacher_step = int(checkpoint["mean_teacher_step"])
