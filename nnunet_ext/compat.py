@@ -13,6 +13,7 @@ nnU-Net release that changes the code fails loudly, naming the coupling, instead
 - :func:`unwrap_network`: the module inside DDP and torch.compile.
 - :func:`save_preprocessed_case`: preprocess-unlabeled writes cases exactly as nnU-Net's preprocessor does.
 - :func:`planning_n_proc_DA`: nnU-Net's planner crashes with ``nnUNet_n_proc_DA=0``.
+- :func:`accept_pretrained_weights`: ``-pretrained_weights`` loads what matches (e.g. an encoder) into our trainers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import functools
 import inspect
 import itertools
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -326,3 +328,38 @@ def planning_n_proc_DA() -> Iterator[None]:
         yield
     finally:
         os.environ["nnUNet_n_proc_DA"] = "0"
+
+
+_PRETRAINED_TARGETS: weakref.WeakKeyDictionary[nn.Module, Callable[[str], None]] = weakref.WeakKeyDictionary()
+
+
+def accept_pretrained_weights(network: nn.Module, log: Callable[[str], None]) -> None:
+    """Make ``nnUNetv2_train -pretrained_weights`` load into ``network`` (an nnunet_ext trainer's) with
+    :func:`nnunet_ext.pretrained.load_matching`, logging through ``log``.
+
+    ``nnunetv2.run.run_training.maybe_load_checkpoint`` calls the module's ``load_pretrained_weights(network,
+    fname, verbose=True)`` after ``initialize``; it has no trainer hook and asserts that every tensor but the
+    segmentation layers is in the file. Its module global is replaced, once, by a dispatcher that handles the
+    networks registered here and hands every other network to nnU-Net's function unchanged. Precondition,
+    checked: the module imports nnU-Net's ``load_pretrained_weights`` under that name.
+    """
+    import nnunetv2.run.run_training as run_training
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as original
+
+    current = getattr(run_training, "load_pretrained_weights", None)
+    if current is not original and not getattr(current, "nnunet_ext_dispatch", False):
+        raise CompatibilityError("accept_pretrained_weights", "nnunetv2.run.run_training to call "
+                                                              "load_pretrained_weights(network, fname, verbose)")
+    if current is original:
+        @functools.wraps(original)
+        def dispatch(network, fname, verbose=False):
+            log_to = _PRETRAINED_TARGETS.get(network)
+            if log_to is None:
+                return original(network, fname, verbose=verbose)
+            from nnunet_ext.pretrained import load_matching
+
+            load_matching(unwrap_network(network, nn.Module), fname, log_to)
+
+        dispatch.nnunet_ext_dispatch = True
+        run_training.load_pretrained_weights = dispatch
+    _PRETRAINED_TARGETS[network] = log

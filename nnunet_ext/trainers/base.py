@@ -11,7 +11,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.compat import seeded_augmenters
+from nnunet_ext.compat import accept_pretrained_weights, seeded_augmenters
 from nnunet_ext.data.budgets import (
     DEFAULT_SEED,
     LABELED_IDS_FILE,
@@ -42,6 +42,11 @@ class ExtTrainer(nnUNetTrainer):
         if spec.iters is not None:
             self.num_iterations_per_epoch = spec.iters
             self.num_val_iterations_per_epoch = max(1, spec.iters // 5)
+
+    def initialize(self):
+        """nnU-Net's initialize; ``-pretrained_weights`` then loads whatever matches (``nnunet_ext.pretrained``)."""
+        super().initialize()
+        accept_pretrained_weights(self.network, self.print_to_log_file)
 
     @property
     def budget_seed(self) -> int:

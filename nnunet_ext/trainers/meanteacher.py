@@ -135,6 +135,13 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
         self.mean_teacher_step = 0  # optimizer steps so far (restored by --c)
         self.perturbation = torch.Generator().manual_seed(self.budget_seed + 7)
 
+    def on_train_start(self):
+        """nnU-Net's start of training; a fresh run's teacher starts as the student (which ``-pretrained_weights``
+        may have loaded after ``initialize``); a resumed run keeps its checkpoint's teacher."""
+        super().on_train_start()
+        if self.mean_teacher_step == 0:
+            self.teacher.load_state_dict(self.student.state_dict())
+
     @property
     def student(self) -> nn.Module:
         """The student inside DDP / torch.compile wrappers."""
