@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import resource
@@ -56,6 +57,13 @@ from nnunet_ext.planners.groupnorm import GROUP_NORM
 from nnunet_ext.trainers.boundary import BoundSegTrainer
 from nnunet_ext.trainers.cpc import CPCSegTrainer, ssCPCSegTrainer
 from nnunet_ext.trainers.encdec import EncDecTrainer
+from nnunet_ext.trainers.meanteacher import (
+    MeanTeacherTrainer,
+    consistency_loss,
+    ema_update,
+    full_resolution,
+    perturb,
+)
 from nnunet_ext.trainers.multitask import BranchBatch, MultiTaskLoss, MultiTaskNetwork, MultiTaskTrainer
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
 from nnunet_ext.trainers.vae import VAESegTrainer, ssVAESegTrainer
@@ -64,7 +72,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_PREFIX = "bench_branches result: "
 BASELINE = "nnUNetTrainer"
 TRAINERS: dict[str, type[nnUNetTrainer]] = {cls.__name__: cls for cls in (
-    nnUNetTrainer, EncDecTrainer, VAESegTrainer, BoundSegTrainer, CPCSegTrainer, ssVAESegTrainer, ssCPCSegTrainer)}
+    nnUNetTrainer, EncDecTrainer, VAESegTrainer, BoundSegTrainer, CPCSegTrainer, ssVAESegTrainer, ssCPCSegTrainer,
+    MeanTeacherTrainer)}
 INPUT_CHANNELS = 4  # BraTS / MSD Task01 and the demo dataset: FLAIR, T1w, T1gd, T2w
 REGIONS = 3  # whole tumour, tumour core, enhancing tumour
 
@@ -215,6 +224,38 @@ class TrainingSetup:
             self.optimizer.step()
 
 
+@dataclass
+class MeanTeacherSetup(TrainingSetup):
+    """``MeanTeacherTrainer``'s step: the teacher's prediction of the perturbed labeled batch, the unlabeled
+    consistency pass after zero_grad (student and teacher on their own perturbations), nnU-Net's labeled step
+    with the consistency added (full weight: the ramp changes no cost), then the EMA update."""
+
+    teacher: nn.Module | None = None
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(x.device):
+            return full_resolution(self.teacher(perturb(x, MeanTeacherTrainer.intensity_scale,
+                                                        MeanTeacherTrainer.noise_std))).float()
+
+    def step(self) -> float:
+        teacher = self.teacher_logits(self.data)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backward(self.unlabeled_loss())
+        with autocast(self.data.device):
+            output = self.network(self.data)
+            loss = self.loss(output, self.target) + consistency_loss(full_resolution(output), teacher, True)
+        self.backward(loss)
+        self.clip_and_step()
+        ema_update(self.teacher, self.network, MeanTeacherTrainer.ema_decay)
+        return float(loss.detach().cpu())
+
+    def unlabeled_loss(self) -> torch.Tensor:
+        teacher = self.teacher_logits(self.unlabeled)
+        student_input = perturb(self.unlabeled, MeanTeacherTrainer.intensity_scale, MeanTeacherTrainer.noise_std)
+        with autocast(self.unlabeled.device):
+            return consistency_loss(full_resolution(self.network(student_input)), teacher, True)
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """nnU-Net's mixed precision: autocast on CUDA only."""
     return torch.autocast(device.type) if device.type == "cuda" else contextlib.nullcontext()
@@ -243,6 +284,10 @@ def training_setup(trainer: type[nnUNetTrainer], arch: Architecture, device: tor
     network = network.to(device)
     optimizer = torch.optim.SGD(network.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    if issubclass(trainer, MeanTeacherTrainer):
+        teacher = copy.deepcopy(network).eval().requires_grad_(False)
+        teacher.decoder.deep_supervision = False
+        return MeanTeacherSetup(network, loss, optimizer, scaler, data, target, None, unlabeled, teacher)
     return TrainingSetup(network, loss, optimizer, scaler, data, target, branch_batch, unlabeled)
 
 
@@ -348,7 +393,8 @@ def ratio(value: float, base: float | None) -> str:
 
 def twin(trainer_name: str) -> str | None:
     """The supervised twin of a semi-supervised trainer (ssCPCSegTrainer -> CPCSegTrainer), else None."""
-    return trainer_name[2:] if issubclass(TRAINERS[trainer_name], SemiSupervisedMixin) else None
+    ss = issubclass(TRAINERS[trainer_name], SemiSupervisedMixin) and trainer_name.startswith("ss")
+    return trainer_name[2:] if ss else None
 
 
 def ss_ratio(result: dict, by_name: dict[str, dict]) -> str:
