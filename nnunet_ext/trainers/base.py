@@ -11,7 +11,12 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.compat import accept_pretrained_weights, seeded_augmenters
+from nnunet_ext.compat import (
+    accept_pretrained_weights,
+    captured_checkpoint_load,
+    captured_checkpoint_save,
+    seeded_augmenters,
+)
 from nnunet_ext.data.budgets import (
     DEFAULT_SEED,
     LABELED_IDS_FILE,
@@ -47,6 +52,43 @@ class ExtTrainer(nnUNetTrainer):
         """nnU-Net's initialize; ``-pretrained_weights`` then loads whatever matches (``nnunet_ext.pretrained``)."""
         super().initialize()
         accept_pretrained_weights(self.network, self.print_to_log_file)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def checkpoint_extras(self) -> dict:
+        """Entries a subclass adds to nnU-Net's checkpoint (e.g. a branch or a teacher); none here."""
+        return {}
+
+    def restore_checkpoint_extras(self, checkpoint: dict, source: str) -> None:
+        """Restore what :meth:`checkpoint_extras` added, from the checkpoint read from ``source``; nothing here."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus :meth:`checkpoint_extras`, written once: to a temporary file, then moved into
+        place, so ``filename`` never exists without its extras (a run killed mid-save keeps the previous
+        checkpoint, and ``--c`` can always resume them)."""
+        extras = self.checkpoint_extras() if self.local_rank == 0 and not self.disable_checkpointing else {}
+        if not extras:
+            super().save_checkpoint(filename)
+            return
+        with captured_checkpoint_save() as saved:
+            super().save_checkpoint(filename)
+        checkpoint = {**saved[0], **extras}
+        partial = f"{filename}.partial"
+        torch.save(checkpoint, partial)
+        os.replace(partial, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's checkpoint loading, then :meth:`restore_checkpoint_extras` from the same dictionary."""
+        with captured_checkpoint_load(filename_or_checkpoint) as loaded:
+            super().load_checkpoint(filename_or_checkpoint)
+        self.restore_checkpoint_extras(loaded[0], str(filename_or_checkpoint))
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        """nnU-Net's epoch end, plus the mean of every other loss part a train step returns (seg_loss,
+        branch_loss, ...) in the log."""
+        super().on_train_epoch_end(train_outputs)
+        for key in dict.fromkeys(k for o in train_outputs for k in o if k != "loss"):
+            values = [o[key] for o in train_outputs if key in o]
+            self.print_to_log_file(f"{key} {np.round(float(np.mean(values)), decimals=4)}")
 
     @property
     def budget_seed(self) -> int:

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from nnunet_ext.compat import captured_checkpoint_load, captured_checkpoint_save, unwrap_network
+from nnunet_ext.compat import unwrap_network
 from nnunet_ext.trainers.base import ExtTrainer
 from nnunet_ext.trainers.names import TrainerSpec
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
@@ -187,36 +186,15 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
         result["consistency_weight"] = np.float32(self.consistency_weight_now())
         return result
 
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        """nnU-Net's epoch end, plus the mean of every loss part in the log."""
-        super().on_train_epoch_end(train_outputs)
-        for key in dict.fromkeys(k for o in train_outputs for k in o if k != "loss"):
-            values = [o[key] for o in train_outputs if key in o]
-            self.print_to_log_file(f"{key} {np.round(float(np.mean(values)), decimals=4)}")
-
     # -- checkpoints --------------------------------------------------------------------------------
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint (student in ``network_weights``) plus ``teacher_weights`` and the step count,
-        written once and moved into place."""
-        if self.local_rank != 0 or self.disable_checkpointing:
-            super().save_checkpoint(filename)
-            return
-        with captured_checkpoint_save() as saved:
-            super().save_checkpoint(filename)
-        checkpoint = saved[0]
-        checkpoint["teacher_weights"] = self.teacher.state_dict()
-        checkpoint["mean_teacher_step"] = self.mean_teacher_step
-        partial = f"{filename}.partial"
-        torch.save(checkpoint, partial)
-        os.replace(partial, filename)
+    def checkpoint_extras(self) -> dict:
+        """``teacher_weights`` and the step count (the student is nnU-Net's ``network_weights``)."""
+        return {"teacher_weights": self.teacher.state_dict(), "mean_teacher_step": self.mean_teacher_step}
 
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """nnU-Net's checkpoint loading, then the teacher and the step count (an error if they are missing)."""
-        with captured_checkpoint_load(filename_or_checkpoint) as loaded:
-            super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = loaded[0]
+    def restore_checkpoint_extras(self, checkpoint: dict, source: str) -> None:
+        """The teacher and the step count (an error if they are missing)."""
         if "teacher_weights" not in checkpoint:
-            raise RuntimeError(f"{filename_or_checkpoint}: checkpoint has no 'teacher_weights'; it was not written "
+            raise RuntimeError(f"{source}: checkpoint has no 'teacher_weights'; it was not written "
                                f"by a {type(self).__name__} and cannot resume its teacher.")
         self.teacher.load_state_dict(checkpoint["teacher_weights"])
         self.mean_teacher_step = int(checkpoint["mean_teacher_step"])

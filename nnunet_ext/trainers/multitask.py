@@ -15,18 +15,14 @@ branch loss. nnU-Net's train_step, validation and prediction run unchanged:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from nnunet_ext.branches.base import Branch
 from nnunet_ext.compat import (
-    captured_checkpoint_load,
-    captured_checkpoint_save,
     network_built_by,
     unwrap_network,
 )
@@ -188,36 +184,15 @@ class MultiTaskTrainer(ExtTrainer):
         result.update({k: v.cpu().numpy() for k, v in self.loss.last.items()})
         return result
 
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        """nnU-Net's epoch end, plus the mean of every loss part (seg_loss, branch_loss, ...) in the log."""
-        super().on_train_epoch_end(train_outputs)
-        for key in dict.fromkeys(k for o in train_outputs for k in o if k != "loss"):
-            values = [o[key] for o in train_outputs if key in o]
-            self.print_to_log_file(f"{key} {np.round(float(np.mean(values)), decimals=4)}")
-
     # -- checkpoints --------------------------------------------------------------------------------
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus ``branch_weights`` (the optimizer state already covers the branch), written
-        once: to a temporary file, then moved into place, so ``filename`` never exists without its branch (a run
-        killed mid-save keeps the previous checkpoint, and ``--c`` can always resume the branch)."""
-        if self.local_rank != 0 or self.disable_checkpointing:
-            super().save_checkpoint(filename)
-            return
-        with captured_checkpoint_save() as saved:
-            super().save_checkpoint(filename)
-        checkpoint = saved[0]
-        checkpoint["branch_weights"] = self.multitask_network.branch.state_dict()
-        checkpoint["branch_class"] = type(self.multitask_network.branch).__name__
-        partial = f"{filename}.partial"
-        torch.save(checkpoint, partial)
-        os.replace(partial, filename)
+    def checkpoint_extras(self) -> dict:
+        """``branch_weights`` and ``branch_class`` (the optimizer state already covers the branch)."""
+        branch = self.multitask_network.branch
+        return {"branch_weights": branch.state_dict(), "branch_class": type(branch).__name__}
 
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """nnU-Net's checkpoint loading, then the branch weights from the same dictionary (an error if missing)."""
-        with captured_checkpoint_load(filename_or_checkpoint) as loaded:
-            super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = loaded[0]
+    def restore_checkpoint_extras(self, checkpoint: dict, source: str) -> None:
+        """The branch weights (an error if they are missing)."""
         if "branch_weights" not in checkpoint:
-            raise RuntimeError(f"{filename_or_checkpoint}: checkpoint has no 'branch_weights'; it was not "
+            raise RuntimeError(f"{source}: checkpoint has no 'branch_weights'; it was not "
                                f"written by a {type(self).__name__} and cannot resume its branch.")
         self.multitask_network.branch.load_state_dict(checkpoint["branch_weights"])
