@@ -63,6 +63,18 @@ def tiny_dataset(tmp_path_factory):
             "results": os.path.join(env["nnUNet_results"], f"Dataset{TINY_DATASET_ID}_BraTSDemo")}
 
 
+@pytest.fixture
+def make_trainer(tiny_dataset, monkeypatch):
+    """Build fold 0 of a trainer in this process, on the tiny dataset, as nnUNetv2_train does."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_def_n_proc", "nnUNet_n_proc_DA"):
+        monkeypatch.setenv(var, tiny_dataset["env"][var])
+    return lambda name: get_trainer_from_args(str(tiny_dataset["id"]), "3d_fullres", 0, name, "nnUNetCPUPlans",
+                                              device=torch.device("cpu"))
+
+
 BRANCH_DATASET_ID = 992
 
 

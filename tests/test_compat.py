@@ -35,17 +35,6 @@ from nnunet_ext.trainers.multitask import MultiTaskNetwork
 VAE = "VAESegTrainer_3labels_1epochs_2iters_noMirroring"
 
 
-@pytest.fixture
-def make_trainer(tiny_dataset, monkeypatch):
-    """Build fold 0 of a trainer in this process, on the tiny dataset, as nnUNetv2_train does."""
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_def_n_proc", "nnUNet_n_proc_DA"):
-        monkeypatch.setenv(var, tiny_dataset["env"][var])
-    return lambda name: get_trainer_from_args(str(tiny_dataset["id"]), "3d_fullres", 0, name, "nnUNetCPUPlans",
-                                              device=torch.device("cpu"))
-
-
 # -- network_built_by: the training network is net + branch, the inference network stays plain ----------------
 @pytest.mark.slow
 def test_initialize_builds_the_training_network_through_self_once(make_trainer):

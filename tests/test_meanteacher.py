@@ -73,17 +73,6 @@ def test_perturbation_is_per_sample_intensity_only():
     assert len(set(factors[:, 0].tolist())) == 3  # each sample its own factor
 
 
-@pytest.fixture
-def make_trainer(tiny_dataset, monkeypatch):
-    """Build fold 0 of a trainer in this process, on the tiny dataset, as nnUNetv2_train does."""
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_def_n_proc", "nnUNet_n_proc_DA"):
-        monkeypatch.setenv(var, tiny_dataset["env"][var])
-    return lambda name: get_trainer_from_args(str(tiny_dataset["id"]), "3d_fullres", 0, name, "nnUNetCPUPlans",
-                                              device=torch.device("cpu"))
-
-
 @pytest.mark.slow
 def test_step_trains_the_student_moves_the_teacher_and_checkpoint_resumes_both(make_trainer, tmp_path):
     trainer = make_trainer(MT)
