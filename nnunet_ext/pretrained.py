@@ -2,7 +2,7 @@
 
 nnU-Net's own loader asserts that every tensor of the network except the segmentation layers is in the file,
 so it refuses an encoder-only checkpoint (e.g. self-supervised pretraining such as nnssl's). For our trainers
-(:func:`nnunet_ext.compat.pretrained_weights_loader`) the weights are matched by name and shape instead:
+(:func:`nnunet_ext.compat.accept_pretrained_weights`) the weights are matched by name and shape instead:
 
 - the file is an nnU-Net checkpoint (``network_weights``) or a plain state dict (also under ``state_dict`` or
   ``model``); ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are dropped, and an encoder saved
