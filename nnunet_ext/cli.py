@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-msd": ("nnunet_ext.datasets.msd", "convert MSD Task01_BrainTumour into an nnU-Net region dataset"),
     "paper-split": ("nnunet_ext.datasets.paper_split",
                     "write the paper's labeled ordering (and optionally its train/val split) for a dataset"),
+    "self-train": ("nnunet_ext.selftrain",
+                   "pseudo-label self-training per fold: teacher, pseudo labels of the unlabeled pool, student"),
     "study": ("nnunet_ext.study", "label-efficiency study: train a grid, predict, evaluate, tables and plots"),
 }
 

@@ -3,7 +3,10 @@
 Each grid cell (trainer base, label budget, and for ss* trainers an unlabeled count) is one nnU-Net
 trainer name such as ``CPCSegTrainer_6labels_300epochs``, trained fold by fold with the real
 ``nnUNetv2_train``, then the fold ensemble predicts the labeled test split (``imagesTs``) with
-``nnUNetv2_predict`` and is evaluated against ``labelsTs`` (BraTS empty-mask convention). Writes into
+``nnUNetv2_predict`` and is evaluated against ``labelsTs`` (BraTS empty-mask convention). A ``PseudoLabel``
+cell trains each fold through ``nnunet-ext self-train`` (:mod:`nnunet_ext.selftrain`): its teacher (the
+EncDec cell of the same budget and seed, reused when the grid has it), the teacher's pseudo labels of the
+fold's unlabeled pool, then the student. Writes into
 ``--output`` (default ``$nnUNet_results/DatasetXXX_NAME/study``): ``results.csv``, ``results.md``
 (Table 1), ``fig2_dice_vs_labels.png``, ``fig4_dice_vs_unlabeled.png`` (ss trainers with several
 ``--unlabeled``), ``study_status.json``, ``logs/`` and ``predictions/<trainer>/folds_<F>/``.
@@ -41,6 +44,7 @@ from nnunet_ext.pipeline import Experiment, log
 from nnunet_ext.trainers.names import BASES, PAPER_MODELS, TrainerNameError, is_semi_supervised, trainer_name
 
 DISPATCH = ("local", "print", "submitit")
+SELF_TRAINED = "PseudoLabel"  # cells of this model train through `nnunet-ext self-train` (teacher first)
 STATUS_FILE = "study_status.json"
 # option defaults; a --preset replaces those the user did not give (see preset_options)
 DEFAULTS = {"plans": "nnUNetPlans", "configuration": "3d_fullres", "device": "cuda", "folds": [0, 1, 2, 3, 4],
@@ -154,8 +158,13 @@ class Study:
         return [f for f in self.folds if not self.experiment.is_trained(cell.trainer, f)]
 
     def train_command(self, cell: Cell, fold: int) -> list[str]:
-        """``nnUNetv2_train`` of one fold, with ``-num_gpus`` when asked for."""
+        """``nnUNetv2_train`` of one fold, with ``-num_gpus`` when asked for; for a pseudo-label student
+        ``nnunet-ext self-train`` of the fold (its teacher, pseudo labels, then the student)."""
         gpus = [] if self.num_gpus is None else ["-num_gpus", str(self.num_gpus)]
+        if cell.model == SELF_TRAINED:
+            e = self.experiment
+            return ["nnunet-ext", "self-train", "-d", str(e.dataset_id), "-tr", cell.trainer, "-f", str(fold),
+                    "-p", e.plans, "-c", e.configuration, "-device", e.device] + gpus
         return self.experiment.train_command(cell.trainer, fold) + gpus
 
     def predict_command(self, cell: Cell) -> list[str]:

@@ -30,25 +30,35 @@ def folder_dataset_class(folder: str) -> type | None:
                          f"the folder and rerun 'nnunet-ext preprocess-unlabeled'") from None
 
 
-class UnlabeledDataset:
-    """nnU-Net dataset interface over unlabeled case ids that may live in several preprocessed folders.
-
-    ``load_case`` returns the image and a zero segmentation of the same spatial shape; the properties have
-    ``class_locations`` None (there is nothing to sample foreground from).
-    """
+class CaseUnion:
+    """nnU-Net's dataset interface (``identifiers``, ``load_case``) over nnU-Net datasets of several preprocessed
+    folders, e.g. a fold's labeled cases plus pseudo-labeled ones; a case id may appear in one folder only."""
 
     def __init__(self, parts: Sequence):
         self._owner = {i: part for part in parts for i in part.identifiers}
         self.identifiers = [i for part in parts for i in part.identifiers]
         if len(self._owner) != len(self.identifiers):
-            raise ValueError("an unlabeled case id appears in two preprocessed folders")
+            repeated = sorted({i for i in self.identifiers if self.identifiers.count(i) > 1})
+            raise ValueError(f"case ids {repeated[:10]} appear in two preprocessed folders")
 
     def __len__(self) -> int:
         return len(self.identifiers)
 
     def load_case(self, identifier: str):
+        """(data, seg, seg_prev, properties) of a case, from the folder that holds it."""
+        return self._owner[identifier].load_case(identifier)
+
+
+class UnlabeledDataset(CaseUnion):
+    """Unlabeled case ids that may live in several preprocessed folders.
+
+    ``load_case`` returns the image and a zero segmentation of the same spatial shape; the properties have
+    ``class_locations`` None (there is nothing to sample foreground from).
+    """
+
+    def load_case(self, identifier: str):
         """(data, zero segmentation, None, properties) of an unlabeled case."""
-        data, _, _, properties = self._owner[identifier].load_case(identifier)
+        data, _, _, properties = super().load_case(identifier)
         seg = np.zeros((1, *data.shape[1:]), dtype=np.int16)
         return data, seg, None, dict(properties, class_locations=None)
 

@@ -32,6 +32,7 @@ BASES: dict[str, tuple[str, bool]] = {
     "ssVAESegTrainer": ("nnunet_ext.trainers.vae", True),
     "ssCPCSegTrainer": ("nnunet_ext.trainers.cpc", True),
     "MeanTeacherTrainer": ("nnunet_ext.trainers.meanteacher", True),
+    "PseudoLabelTrainer": ("nnunet_ext.trainers.pseudolabel", True),
 }
 
 # the six models of the paper's Table 1, by their short names (the demo's and the cpu-smoke preset's default)

@@ -24,31 +24,24 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_ext.compat import after_zero_grad, captured_augmentation
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
-from nnunet_ext.data.pool import build_pool, complete_cases, load_manifest, raw_test_ids, unlabeled_folder
+from nnunet_ext.data.pool import (
+    UnlabeledPool,
+    build_pool,
+    complete_cases,
+    load_manifest,
+    raw_test_ids,
+    unlabeled_folder,
+)
 from nnunet_ext.data.unlabeled import UnlabeledDataLoader, UnlabeledDataset, folder_dataset_class
 
 
-class SemiSupervisedMixin:
-    """Adds the unlabeled pool, its loader and the accumulated unlabeled pass to a branch trainer whose branch
-    needs no labels.
+class UnlabeledPoolMixin:
+    """The fold's leakage-guarded unlabeled pool (:mod:`nnunet_ext.data.pool`) and the nested ``_<M>unlabeled``
+    selection from it, logged and written to the fold's ``unlabeled_cases.json``: one place for every trainer that
+    learns from unlabeled images (ss trainers, mean teacher, pseudo-label students)."""
 
-    ``unlabeled_batch_size``: unlabeled images per step (default None: nnU-Net's batch size, i.e. as many
-    unlabeled as labeled crops; per GPU under DDP).
-    """
-
-    unlabeled_batch_size: ClassVar[int | None] = None
-
-    def unlabeled_per_step(self) -> int:
-        """Unlabeled images per optimizer step (per GPU under DDP)."""
-        return self.unlabeled_batch_size or self.batch_size
-
-    def get_tr_and_val_datasets(self):
-        """nnU-Net's training (the label budget) and validation datasets, unchanged; also builds the fold's
-        leakage-guarded unlabeled dataset (``self.unlabeled_dataset``) and writes its ids to disk."""
-        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
-        if self.branch_class is not None and self.branch_class.needs_target:
-            raise TypeError(f"{type(self).__name__}: {self.branch_class.__name__} needs labels and cannot "
-                            f"learn from unlabeled images.")
+    def select_unlabeled(self, dataset_tr, dataset_val) -> tuple[UnlabeledPool, list[str], str, type | None]:
+        """(pool, selected ids, preprocessed imagesUnlabeled folder, its dataset class or None) of this fold."""
         folder = unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
         folder_class = folder_dataset_class(folder)  # its own format, as nnU-Net reads each preprocessed folder
         folder_ids = complete_cases(folder_class, folder) if folder_class else []
@@ -70,8 +63,41 @@ class SemiSupervisedMixin:
         if self.local_rank == 0:
             save_json({"trainer": type(self).__name__, "fold": self.fold, "pool_size": len(pool.ids),
                        "unlabeled": selected, "source": {i: pool.source[i] for i in selected},
-                       "excluded": pool.excluded, "unlabeled_per_step": self.unlabeled_per_step()},
+                       "excluded": pool.excluded, **self.unlabeled_record()},
                       os.path.join(self.output_folder, UNLABELED_IDS_FILE), sort_keys=False)
+        return pool, selected, folder, folder_class
+
+    def unlabeled_record(self) -> dict:
+        """Extra entries of ``unlabeled_cases.json``; none here."""
+        return {}
+
+
+class SemiSupervisedMixin(UnlabeledPoolMixin):
+    """Adds the unlabeled pool, its loader and the accumulated unlabeled pass to a branch trainer whose branch
+    needs no labels.
+
+    ``unlabeled_batch_size``: unlabeled images per step (default None: nnU-Net's batch size, i.e. as many
+    unlabeled as labeled crops; per GPU under DDP).
+    """
+
+    unlabeled_batch_size: ClassVar[int | None] = None
+
+    def unlabeled_per_step(self) -> int:
+        """Unlabeled images per optimizer step (per GPU under DDP)."""
+        return self.unlabeled_batch_size or self.batch_size
+
+    def unlabeled_record(self) -> dict:
+        """``unlabeled_cases.json`` also says how many unlabeled images each step draws."""
+        return {"unlabeled_per_step": self.unlabeled_per_step()}
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's training (the label budget) and validation datasets, unchanged; also builds the fold's
+        leakage-guarded unlabeled dataset (``self.unlabeled_dataset``) and writes its ids to disk."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.branch_class is not None and self.branch_class.needs_target:
+            raise TypeError(f"{type(self).__name__}: {self.branch_class.__name__} needs labels and cannot "
+                            f"learn from unlabeled images.")
+        pool, selected, folder, folder_class = self.select_unlabeled(dataset_tr, dataset_val)
         from_training = [i for i in selected if pool.source[i] != "imagesUnlabeled"]
         from_folder = [i for i in selected if pool.source[i] == "imagesUnlabeled"]
         self.unlabeled_dataset = UnlabeledDataset([cls(d, ids) for cls, d, ids in (
