@@ -62,11 +62,14 @@ class Experiment:
         return ["nnUNetv2_train", str(self.dataset_id), self.configuration, str(fold), "-p", self.plans,
                 "-tr", trainer, "-device", self.device, "--c"]
 
-    def predict_command(self, trainer: str, folds: list[int], images: str, output: str) -> list[str]:
-        """The nnUNetv2_predict command of a fold ensemble."""
+    def predict_command(self, trainer: str, folds: list[int], images: str, output: str,
+                        *extra: str) -> list[str]:
+        """The nnUNetv2_predict command of a fold ensemble (on CPU without worker processes, ``-npp 0 -nps 0``:
+        nnU-Net's sequential mode, which spares the processes' start-up on small cases)."""
+        workers = "0" if self.device == "cpu" else "1"
         return ["nnUNetv2_predict", "-i", images, "-o", output, "-d", str(self.dataset_id),
                 "-c", self.configuration, "-p", self.plans, "-tr", trainer, "-f", *map(str, folds),
-                "-device", self.device, "-npp", "1", "-nps", "1", "--continue_prediction"]
+                "-device", self.device, "-npp", workers, "-nps", workers, "--continue_prediction", *extra]
 
     def train_log(self, trainer: str, fold: int) -> str:
         """Where the training output of one fold is logged."""

@@ -132,11 +132,8 @@ class SelfTraining:
             f"({pool.summary()} in the pool)", "self-train")
         images = self.link_inputs(folder, selected, pool.source, dataset)
         predictions = os.path.join(folder, "predictions")
-        run_command(["nnUNetv2_predict", "-i", images, "-o", predictions, "-d", str(self.experiment.dataset_id),
-                     "-c", self.experiment.configuration, "-p", self.experiment.plans, "-tr", self.teacher,
-                     "-f", str(fold), "-device", self.experiment.device, "-npp", "1", "-nps", "1",
-                     "--save_probabilities", "--continue_prediction"], self.experiment.env,
-                    os.path.join(folder, "predict.log"), echo=False)
+        run_command(self.experiment.predict_command(self.teacher, [fold], images, predictions, "--save_probabilities"),
+                    self.experiment.env, os.path.join(folder, "predict.log"), echo=False)
         import numpy as np
 
         regions = dataset["regions"]

@@ -10,6 +10,16 @@ import pytest
 TINY_DATASET_ID = 991
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, one torch thread per worker and per nnU-Net command it starts (our trainers honour
+    OMP_NUM_THREADS): two workers of two threads each on two cores slow every training down many times over."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a real command; on failure show its output in the assertion message."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -21,7 +31,7 @@ def predict(ds: dict, trainer: str, folds: list[int], out: str, *extra: str) -> 
     """nnUNetv2_predict of the dataset's imagesTs with the fold ensemble of ``trainer`` (CPU)."""
     run(["nnUNetv2_predict", "-i", os.path.join(ds["raw"], "imagesTs"), "-o", out, "-d", str(ds["id"]),
          "-c", "3d_fullres", "-p", ds["plans"], "-tr", trainer, "-f", *map(str, folds), "-device", "cpu",
-         "-npp", "1", "-nps", "1", *extra], ds["env"])
+         "-npp", "0", "-nps", "0", *extra], ds["env"])  # sequential: no worker start-up
 
 
 def check_predictions(ds: dict, folder: str) -> None:

@@ -252,3 +252,23 @@ def test_budget_split_is_computed_logged_and_written_once(make_trainer, monkeypa
     os.remove(path)
     assert trainer.do_split() == (labeled, first[1])  # the same split again ...
     assert not os.path.exists(path) and sum("Label budget 3" in line for line in logged) == 1  # ... not redone
+
+
+def test_trainers_honour_omp_num_threads_on_cpu_only(monkeypatch):
+    """nnUNetv2_train -device cpu sets torch's threads to every core; our trainers set OMP_NUM_THREADS back."""
+    import torch
+
+    from nnunet_ext.trainers.base import honour_omp_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert honour_omp_num_threads(torch.device("cpu")) == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert honour_omp_num_threads(torch.device("cuda")) is None and torch.get_num_threads() == 2
+        for unset in ("", "0", "four"):
+            monkeypatch.setenv("OMP_NUM_THREADS", unset)
+            assert honour_omp_num_threads(torch.device("cpu")) is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

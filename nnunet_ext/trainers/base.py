@@ -27,6 +27,21 @@ from nnunet_ext.data.budgets import (
 from nnunet_ext.trainers.names import TrainerSpec
 
 
+def honour_omp_num_threads(device: torch.device) -> int | None:
+    """On CPU, use ``OMP_NUM_THREADS`` torch threads when it is set to a positive integer; return it (else None).
+
+    ``nnUNetv2_train -device cpu`` calls ``torch.set_num_threads(multiprocessing.cpu_count())`` before it builds
+    the trainer, which overrides the variable: two trainings side by side on a shared machine (or two test
+    workers) then run twice as many threads as there are cores, and each slows down many times over. nnU-Net
+    sets one thread on GPU; that is left alone.
+    """
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if device.type != "cpu" or not threads.isdigit() or int(threads) < 1:
+        return None
+    torch.set_num_threads(int(threads))
+    return int(threads)
+
+
 class ExtTrainer(nnUNetTrainer):
     """nnUNetTrainer plus the name grammar; subclasses set ``trainer_spec`` (generated names do)."""
 
@@ -35,6 +50,7 @@ class ExtTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        honour_omp_num_threads(self.device)
         self._split: tuple[list[str], list] | None = None  # see do_split
         self.beyond_budget: list[str] = []
         spec = self.trainer_spec
