@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 
 from batchgenerators.utilities.file_and_folder_operations import save_json
-from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-from nnunet_ext.data.pool import UnlabeledPool, raw_test_ids
+from nnunet_ext.data.pool import UnlabeledPool
 from nnunet_ext.data.pseudo_labels import (
     PSEUDO_IDS_FILE,
     RECORD,
@@ -45,11 +44,6 @@ class PseudoLabelTrainer(UnlabeledPoolMixin, ExtTrainer):
         """Where ``nnunet-ext self-train`` writes this fold's pseudo-labeled cases."""
         return pseudo_label_folder(self.preprocessed_dataset_folder_base, type(self).__name__,
                                    self.plans_manager.plans_name, self.configuration_name, self.fold)
-
-    def test_ids(self) -> set[str]:
-        """Case ids of the dataset's labeled test split (never trained on)."""
-        raw = os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
-        return raw_test_ids(raw, self.dataset_json["file_ending"])
 
     def unlabeled_pool(self) -> tuple[UnlabeledPool, list[str]]:
         """(pool, selected ids) of this fold: the images the teacher labels (``nnunet-ext self-train`` asks)."""

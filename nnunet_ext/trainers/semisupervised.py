@@ -45,10 +45,8 @@ class UnlabeledPoolMixin:
         folder = unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
         folder_class = folder_dataset_class(folder)  # its own format, as nnU-Net reads each preprocessed folder
         folder_ids = complete_cases(folder_class, folder) if folder_class else []
-        raw = os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
         pool = build_pool(self.beyond_budget, folder_ids, dataset_tr.identifiers, dataset_val.identifiers,
-                          raw_test_ids(raw, self.dataset_json["file_ending"]), load_manifest(folder),
-                          self.budget_seed)
+                          self.test_ids(), load_manifest(folder), self.budget_seed)
         try:
             selected = pool.select(self.trainer_spec.unlabeled)
         except ValueError as e:
@@ -66,6 +64,11 @@ class UnlabeledPoolMixin:
                        "excluded": pool.excluded, **self.unlabeled_record()},
                       os.path.join(self.output_folder, UNLABELED_IDS_FILE), sort_keys=False)
         return pool, selected, folder, folder_class
+
+    def test_ids(self) -> set[str]:
+        """Case ids of the dataset's labeled test split (raw imagesTs/labelsTs; never trained on)."""
+        raw = os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
+        return raw_test_ids(raw, self.dataset_json["file_ending"])
 
     def unlabeled_record(self) -> dict:
         """Extra entries of ``unlabeled_cases.json``; none here."""
