@@ -21,6 +21,16 @@ def log(message: str, prefix: str = "nnunet-ext") -> None:
     print(f"[{prefix}] {message}", flush=True)
 
 
+def nnunet_environment(hint: str = "") -> dict[str, str]:
+    """The current environment; raise ValueError naming nnU-Net's folder variables that are unset (``hint`` says
+    what else the user may do)."""
+    env = dict(os.environ)
+    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not env.get(v)]
+    if missing:
+        raise ValueError(f"set {', '.join(missing)} (nnU-Net's folders){hint}")
+    return env
+
+
 def run_command(cmd: list[str], env: dict[str, str], log_path: str, echo: bool = True) -> None:
     """Run a command, keep its full output in ``log_path`` and echo progress lines; fail loudly."""
     log("$ " + " ".join(cmd))

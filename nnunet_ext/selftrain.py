@@ -38,7 +38,7 @@ from nnunet_ext.data.pseudo_labels import (
     pseudo_label_folder,
     read_json,
 )
-from nnunet_ext.pipeline import Experiment, log, run_command
+from nnunet_ext.pipeline import Experiment, log, nnunet_environment, run_command
 from nnunet_ext.trainers.names import TrainerNameError, TrainerSpec, parse_trainer_name
 
 STUDENT_BASE = "PseudoLabelTrainer"
@@ -220,10 +220,7 @@ def run(args: argparse.Namespace) -> int:
     """Self-train every fold given."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    env = dict(os.environ)
-    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not env.get(v)]
-    if missing:
-        raise ValueError(f"set {', '.join(missing)} (nnU-Net's folders)")
+    env = nnunet_environment()
     name = maybe_convert_to_dataset_name(args.d)
     plans_file = os.path.join(env["nnUNet_preprocessed"], name, f"{args.plans}.json")
     if not os.path.isfile(plans_file):

@@ -476,10 +476,7 @@ def study_environment(args: argparse.Namespace) -> dict[str, str]:
         from nnunet_ext.demo import demo_environment
 
         return demo_environment(SMOKE_ROOT)
-    env = dict(os.environ)
-    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not env.get(v)]
-    if missing:
-        raise ValueError(f"set {', '.join(missing)} (nnU-Net's folders), or use --preset cpu-smoke")
+    env = pipeline.nnunet_environment(", or use --preset cpu-smoke")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
