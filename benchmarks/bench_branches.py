@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import platform
 import resource
 import statistics
@@ -52,6 +53,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from nnunet_ext.branches.blocks import EncoderSpec
 from nnunet_ext.branches.cpc import default_chunk_size
 from nnunet_ext.planners.groupnorm import GROUP_NORM
 from nnunet_ext.trainers.boundary import BoundSegTrainer
@@ -59,21 +61,32 @@ from nnunet_ext.trainers.cpc import CPCSegTrainer, ssCPCSegTrainer
 from nnunet_ext.trainers.encdec import EncDecTrainer
 from nnunet_ext.trainers.meanteacher import (
     MeanTeacherTrainer,
+    centre_crop,
+    centre_crop_size,
     consistency_loss,
     ema_update,
     full_resolution,
     perturb,
+    total_stride,
+    unlabeled_crops_per_step,
 )
 from nnunet_ext.trainers.multitask import BranchBatch, MultiTaskLoss, MultiTaskNetwork, MultiTaskTrainer
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
 from nnunet_ext.trainers.vae import VAESegTrainer, ssVAESegTrainer
+
+
+class MeanTeacherTrainerFullCrop(MeanTeacherTrainer):
+    """MeanTeacherTrainer with its unlabeled consistency on the whole crop (the cost before the centre crop)."""
+
+    unlabeled_voxel_fraction = 1.0
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_PREFIX = "bench_branches result: "
 BASELINE = "nnUNetTrainer"
 TRAINERS: dict[str, type[nnUNetTrainer]] = {cls.__name__: cls for cls in (
     nnUNetTrainer, EncDecTrainer, VAESegTrainer, BoundSegTrainer, CPCSegTrainer, ssVAESegTrainer, ssCPCSegTrainer,
-    MeanTeacherTrainer)}
+    MeanTeacherTrainer, MeanTeacherTrainerFullCrop)}
 INPUT_CHANNELS = 4  # BraTS / MSD Task01 and the demo dataset: FLAIR, T1w, T1gd, T2w
 REGIONS = 3  # whole tumour, tumour core, enhancing tumour
 
@@ -227,10 +240,12 @@ class TrainingSetup:
 @dataclass
 class MeanTeacherSetup(TrainingSetup):
     """``MeanTeacherTrainer``'s step: the teacher's prediction of the perturbed labeled batch, the unlabeled
-    consistency pass after zero_grad (student and teacher on their own perturbations), nnU-Net's labeled step
-    with the consistency added (full weight: the ramp changes no cost), then the EMA update."""
+    consistency pass on the centre crops after zero_grad (student and teacher on their own perturbations),
+    nnU-Net's labeled step with the consistency added (full weight: the ramp changes no cost), then the EMA
+    update."""
 
     teacher: nn.Module | None = None
+    unlabeled_crop: tuple[int, ...] = ()
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(x.device):
@@ -250,8 +265,9 @@ class MeanTeacherSetup(TrainingSetup):
         return float(loss.detach().cpu())
 
     def unlabeled_loss(self) -> torch.Tensor:
-        teacher = self.teacher_logits(self.unlabeled)
-        student_input = perturb(self.unlabeled, MeanTeacherTrainer.intensity_scale, MeanTeacherTrainer.noise_std)
+        unlabeled = centre_crop(self.unlabeled, self.unlabeled_crop)
+        teacher = self.teacher_logits(unlabeled)
+        student_input = perturb(unlabeled, MeanTeacherTrainer.intensity_scale, MeanTeacherTrainer.noise_std)
         with autocast(self.unlabeled.device):
             return consistency_loss(full_resolution(self.network(student_input)), teacher, True)
 
@@ -287,7 +303,11 @@ def training_setup(trainer: type[nnUNetTrainer], arch: Architecture, device: tor
     if issubclass(trainer, MeanTeacherTrainer):
         teacher = copy.deepcopy(network).eval().requires_grad_(False)
         teacher.decoder.deep_supervision = False
-        return MeanTeacherSetup(network, loss, optimizer, scaler, data, target, None, unlabeled, teacher)
+        fraction = trainer.unlabeled_voxel_fraction
+        crop = centre_crop_size(arch.patch_size, total_stride(EncoderSpec.of(network.encoder).strides), fraction)
+        crops = unlabeled_crops_per_step(arch.batch_size, math.prod(crop) / math.prod(arch.patch_size), fraction)
+        return MeanTeacherSetup(network, loss, optimizer, scaler, data, target, None, unlabeled[:crops], teacher,
+                                crop)
     return TrainingSetup(network, loss, optimizer, scaler, data, target, branch_batch, unlabeled)
 
 

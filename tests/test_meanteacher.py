@@ -12,11 +12,16 @@ import torch
 from conftest import check_predictions, predict, run
 
 from nnunet_ext.trainers.meanteacher import (
+    centre_crop,
+    centre_crop_size,
     consistency_loss,
     ema_decay_at,
     ema_update,
     perturb,
     sigmoid_rampup,
+    step_flop_ratio,
+    total_stride,
+    unlabeled_crops_per_step,
 )
 
 MT = "MeanTeacherTrainer_3labels_1epochs_2iters_noMirroring"
@@ -73,12 +78,51 @@ def test_perturbation_is_per_sample_intensity_only():
     assert len(set(factors[:, 0].tolist())) == 3  # each sample its own factor
 
 
+def test_unlabeled_centre_crop_size_follows_patch_stride_and_fraction():
+    assert total_stride([(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)]) == (4, 8, 8)
+    assert centre_crop_size((64, 64, 64), (16, 16, 16), 1 / 8) == (32, 32, 32)
+    # anisotropic plan: per axis half, rounded up to the stride, never above the patch
+    assert centre_crop_size((20, 192, 160), (1, 32, 32), 1 / 8) == (10, 96, 96)
+    # 2d: 1/8 of the pixels is 0.354 per axis: 28.3 -> 32, 33.9 -> 48
+    assert centre_crop_size((80, 96), (16, 16), 1 / 8) == (32, 48)
+    assert centre_crop_size((80, 96), (16, 16), 1.0) == (80, 96)
+    # at least two strides per axis (a one-voxel bottleneck breaks instance norm), at most the patch
+    assert centre_crop_size((32, 32, 32), (16, 16, 16), 1 / 8) == (32, 32, 32)
+    assert centre_crop_size((16, 64, 64), (16, 16, 16), 1 / 8) == (16, 32, 32)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="voxel fraction"):
+            centre_crop_size((64, 64, 64), (16, 16, 16), bad)
+
+
+def test_unlabeled_crops_per_step_keep_the_voxel_share():
+    assert unlabeled_crops_per_step(2, 1 / 8, 1 / 8) == 2  # 3d: half per axis, as many crops as labeled
+    assert unlabeled_crops_per_step(2, 1 / 4, 1 / 8) == 1  # 2d 64x64 at stride 16: 32x32 is 1/4, so one crop
+    assert unlabeled_crops_per_step(12, 1 / 4, 1 / 8) == 6
+    assert unlabeled_crops_per_step(2, 1 / 2, 1 / 8) == 1  # at least one
+    assert unlabeled_crops_per_step(2, 1.0, 1.0) == 2  # full crops: as many as labeled, never more
+
+
+def test_centre_crop_takes_the_centre_of_every_sample():
+    x = torch.arange(2 * 1 * 6 * 8, dtype=torch.float32).reshape(2, 1, 6, 8)
+    crop = centre_crop(x, (2, 4))
+    assert crop.shape == (2, 1, 2, 4)
+    assert torch.equal(crop, x[:, :, 2:4, 2:6])
+
+
+def test_step_flop_ratio_of_the_default_and_the_full_crop():
+    assert step_flop_ratio(1 / 8, 1.0) == pytest.approx(1.5)  # the default: within the 1.6x target
+    assert step_flop_ratio(1.0, 1.0) == pytest.approx(8 / 3)  # full unlabeled crops
+    assert step_flop_ratio(0.0, 1.0) == pytest.approx(4 / 3)  # labeled consistency alone
+
+
 @pytest.mark.slow
 def test_step_trains_the_student_moves_the_teacher_and_checkpoint_resumes_both(make_trainer, tmp_path):
     trainer = make_trainer(MT)
     trainer.initialize()
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     trainer.on_train_epoch_start()
+    inputs = []  # spatial shapes the student sees: labeled patches and unlabeled centre crops
+    hook = trainer.student.register_forward_pre_hook(lambda _, args: inputs.append(tuple(args[0].shape[2:])))
     student_before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     for _ in range(2):
@@ -91,6 +135,13 @@ def test_step_trains_the_student_moves_the_teacher_and_checkpoint_resumes_both(m
     assert any(not torch.equal(teacher_before[k], teacher[k]) for k in changed)  # the teacher followed
     assert not all(torch.equal(teacher[k], trainer.student.state_dict()[k]) for k in changed)  # but lags (EMA)
     assert trainer.mean_teacher_step == 2
+    hook.remove()
+    patch = tuple(trainer.configuration_manager.patch_size)
+    crop = centre_crop_size(patch, total_stride(trainer.student.encoder.strides), trainer.unlabeled_voxel_fraction)
+    assert crop != patch and trainer.unlabeled_crop == crop
+    assert inputs == [crop, patch] * 2  # each step: unlabeled centre crops first, then nnU-Net's labeled pass
+    crops = unlabeled_crops_per_step(trainer.batch_size, math.prod(crop) / math.prod(patch), 1 / 8)
+    assert trainer.unlabeled_per_step() == crops
 
     path = str(tmp_path / "checkpoint.pth")
     trainer.save_checkpoint(path)

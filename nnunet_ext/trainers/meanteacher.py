@@ -8,8 +8,12 @@ region datasets, softmax otherwise) on the same crops under different perturbati
 - labeled crops: the student's prediction is nnU-Net's own forward pass (no extra student pass); the teacher
   sees the same crop with an extra intensity perturbation;
 - unlabeled crops (the ss trainers' loader, pool and leakage guard; ``_<M>unlabeled``): student and
-  teacher each see the crop with their own intensity perturbation; the student's pass is accumulated into
-  nnU-Net's optimizer step like the ss trainers' unlabeled pass.
+  teacher each see the centre of the augmented crop with their own intensity perturbation; the student's
+  pass is accumulated into nnU-Net's optimizer step like the ss trainers' unlabeled pass. The centre crops
+  hold ``unlabeled_voxel_fraction`` (1/8) of the labeled batch's voxels: each is the patch scaled by
+  ``fraction ** (1 / ndim)`` per axis, rounded up to the network's total stride, and a step draws as many
+  as fit (at least one). That is what keeps a step within 1.6x nnU-Net's: a full-size unlabeled batch
+  (student forward and backward, teacher forward) alone costs 1.33x a labeled step (docs/baselines.md).
 
 The perturbation is per-sample intensity (multiply by ``1 + U(-s, s)``, add ``N(0, σ²)`` noise): nothing
 spatial, so both predictions stay on the same voxels. The consistency weight ramps up with
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunet_ext.branches.blocks import EncoderSpec
 from nnunet_ext.compat import unwrap_network
 from nnunet_ext.trainers.base import ExtTrainer
 from nnunet_ext.trainers.names import TrainerSpec
@@ -66,6 +71,40 @@ def perturb(x: torch.Tensor, scale: float, noise_std: float, generator: torch.Ge
     factor = 1.0 + (torch.rand(shape, generator=generator, device="cpu") * 2 - 1).to(x) * scale
     noise = torch.randn(x.shape, generator=generator, device="cpu").to(x) * noise_std
     return x * factor + noise
+
+
+def total_stride(strides) -> tuple[int, ...]:
+    """Per axis, the product of an encoder's stage strides (what an input size must be a multiple of)."""
+    return tuple(math.prod(axis) for axis in zip(*strides, strict=True))
+
+
+def unlabeled_crops_per_step(batch_size: int, crop_share: float, voxel_fraction: float) -> int:
+    """How many centre crops of ``crop_share`` of the patch keep the unlabeled voxels of a step within
+    ``voxel_fraction`` of the labeled batch's: at least one, at most the batch size."""
+    return min(batch_size, max(1, math.floor(batch_size * voxel_fraction / crop_share + 1e-9)))
+
+
+def centre_crop_size(patch_size, stride, voxel_fraction: float) -> tuple[int, ...]:
+    """Per axis, ``patch * voxel_fraction ** (1 / ndim)`` rounded up to a multiple of ``stride``, at least two
+    strides (so the bottleneck keeps more than one voxel for instance norm) and at most the patch."""
+    if not 0 < voxel_fraction <= 1:
+        raise ValueError(f"voxel fraction must be in (0, 1], got {voxel_fraction}")
+    per_axis = voxel_fraction ** (1 / len(patch_size))
+    return tuple(min(int(p), max(2 * s, math.ceil(p * per_axis / s) * s))
+                 for p, s in zip(patch_size, stride, strict=True))
+
+
+def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
+    """The centre ``size`` of the spatial axes of a batch ``(b, c, *spatial)``."""
+    starts = [(n - k) // 2 for n, k in zip(x.shape[2:], size, strict=True)]
+    return x[(slice(None), slice(None), *(slice(a, a + k) for a, k in zip(starts, size, strict=True)))]
+
+
+def step_flop_ratio(crop_share: float, unlabeled_per_labeled: float) -> float:
+    """FLOPs of a mean-teacher step over nnU-Net's, counting a forward as 1 and a backward as 2 per crop: the
+    labeled step (3) + the teacher's labeled forward (1) + per unlabeled crop of ``crop_share`` of the patch
+    a teacher forward and a student forward and backward (4 * share), over the labeled step's 3."""
+    return (3 + 1 + 4 * crop_share * unlabeled_per_labeled) / 3
 
 
 def probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
@@ -110,7 +149,9 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
     """nnU-Net's network trained as the student of an EMA teacher, on labeled and unlabeled crops.
 
     ``consistency_weight`` is the ramped-up weight's final value; the perturbation is ``intensity_scale`` and
-    ``noise_std`` (nnU-Net's images are z-scored, so these are in units of the image's standard deviation).
+    ``noise_std`` (nnU-Net's images are z-scored, so these are in units of the image's standard deviation);
+    ``unlabeled_voxel_fraction`` is the unlabeled voxels per step as a share of the labeled batch's (1.0: as
+    many whole crops as labeled ones, 2.7x nnU-Net's step instead of 1.5x; see the module docstring).
     """
 
     trainer_spec = TrainerSpec(base="MeanTeacherTrainer")
@@ -120,6 +161,7 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
     rampup_fraction: ClassVar[float] = 0.2
     intensity_scale: ClassVar[float] = 0.1
     noise_std: ClassVar[float] = 0.1
+    unlabeled_voxel_fraction: ClassVar[float] = 1 / 8
 
     # -- building -----------------------------------------------------------------------------------
     def initialize(self):
@@ -133,6 +175,15 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
         self.loss = ConsistencyLoss(self.loss, self.label_manager.has_regions)
         self.mean_teacher_step = 0  # optimizer steps so far (restored by --c)
         self.perturbation = torch.Generator().manual_seed(self.budget_seed + 7)
+        patch = self.configuration_manager.patch_size
+        self.unlabeled_crop = centre_crop_size(patch, total_stride(EncoderSpec.of(student.encoder).strides),
+                                               self.unlabeled_voxel_fraction)
+        share = math.prod(self.unlabeled_crop) / math.prod(patch)
+        self.unlabeled_crops = unlabeled_crops_per_step(self.batch_size, share, self.unlabeled_voxel_fraction)
+        cost = step_flop_ratio(share, self.unlabeled_per_step() / self.batch_size)
+        self.print_to_log_file(f"Mean teacher: unlabeled consistency on the centre {list(self.unlabeled_crop)} of "
+                               f"the {list(patch)} patch ({share:.3f} of its voxels), {self.unlabeled_per_step()} "
+                               f"per step; a step counts about {cost:.2f}x nnU-Net's FLOPs")
 
     def on_train_start(self):
         """nnU-Net's start of training; a fresh run's teacher starts as the student (which ``-pretrained_weights``
@@ -140,6 +191,10 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
         super().on_train_start()
         if self.mean_teacher_step == 0:
             self.teacher.load_state_dict(self.student.state_dict())
+
+    def unlabeled_per_step(self) -> int:
+        """Unlabeled centre crops per step (``unlabeled_crops_per_step``), unless ``unlabeled_batch_size`` says."""
+        return self.unlabeled_batch_size or self.unlabeled_crops
 
     @property
     def student(self) -> nn.Module:
@@ -161,9 +216,10 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
 
     # -- training -----------------------------------------------------------------------------------
     def unlabeled_backward(self, data: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of the weighted consistency loss on an unlabeled batch (student and teacher each
-        on their own perturbation); the gradient accumulates into nnU-Net's step (see SemiSupervisedMixin)."""
-        data = data.to(self.device, non_blocking=True)
+        """Forward and backward of the weighted consistency loss on the centre crops of an unlabeled batch
+        (student and teacher each on their own perturbation); the gradient accumulates into nnU-Net's step (see
+        SemiSupervisedMixin)."""
+        data = centre_crop(data.to(self.device, non_blocking=True), self.unlabeled_crop)
         teacher = self.teacher_logits(data)
         student_input = perturb(data, self.intensity_scale, self.noise_std, self.perturbation)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
