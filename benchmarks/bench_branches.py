@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import platform
 import resource
 import statistics
@@ -53,7 +52,6 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnunet_ext.branches.blocks import EncoderSpec
 from nnunet_ext.branches.cpc import default_chunk_size
 from nnunet_ext.planners.groupnorm import GROUP_NORM
 from nnunet_ext.trainers.boundary import BoundSegTrainer
@@ -62,13 +60,11 @@ from nnunet_ext.trainers.encdec import EncDecTrainer
 from nnunet_ext.trainers.meanteacher import (
     MeanTeacherTrainer,
     centre_crop,
-    centre_crop_size,
     consistency_loss,
     ema_update,
     full_resolution,
     perturb,
-    total_stride,
-    unlabeled_crops_per_step,
+    plan_unlabeled_crops,
 )
 from nnunet_ext.trainers.multitask import BranchBatch, MultiTaskLoss, MultiTaskNetwork, MultiTaskTrainer
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
@@ -303,9 +299,8 @@ def training_setup(trainer: type[nnUNetTrainer], arch: Architecture, device: tor
     if issubclass(trainer, MeanTeacherTrainer):
         teacher = copy.deepcopy(network).eval().requires_grad_(False)
         teacher.decoder.deep_supervision = False
-        fraction = trainer.unlabeled_voxel_fraction
-        crop = centre_crop_size(arch.patch_size, total_stride(EncoderSpec.of(network.encoder).strides), fraction)
-        crops = unlabeled_crops_per_step(arch.batch_size, math.prod(crop) / math.prod(arch.patch_size), fraction)
+        crop, crops = plan_unlabeled_crops(arch.patch_size, network.encoder, arch.batch_size,
+                                           trainer.unlabeled_voxel_fraction)
         return MeanTeacherSetup(network, loss, optimizer, scaler, data, target, None, unlabeled[:crops], teacher,
                                 crop)
     return TrainingSetup(network, loss, optimizer, scaler, data, target, branch_batch, unlabeled)

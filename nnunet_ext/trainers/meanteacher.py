@@ -100,6 +100,14 @@ def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
     return x[(slice(None), slice(None), *(slice(a, a + k) for a, k in zip(starts, size, strict=True)))]
 
 
+def plan_unlabeled_crops(patch_size, encoder: nn.Module, batch_size: int,
+                         voxel_fraction: float) -> tuple[tuple[int, ...], int]:
+    """(centre crop size, crops per step) of the unlabeled pass for a planned network's encoder: the one rule the
+    trainer and the benchmark share."""
+    crop = centre_crop_size(patch_size, total_stride(EncoderSpec.of(encoder).strides), voxel_fraction)
+    return crop, unlabeled_crops_per_step(batch_size, math.prod(crop) / math.prod(patch_size), voxel_fraction)
+
+
 def step_flop_ratio(crop_share: float, unlabeled_per_labeled: float) -> float:
     """FLOPs of a mean-teacher step over nnU-Net's, counting a forward as 1 and a backward as 2 per crop: the
     labeled step (3) + the teacher's labeled forward (1) + per unlabeled crop of ``crop_share`` of the patch
@@ -176,10 +184,9 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
         self.mean_teacher_step = 0  # optimizer steps so far (restored by --c)
         self.perturbation = torch.Generator().manual_seed(self.budget_seed + 7)
         patch = self.configuration_manager.patch_size
-        self.unlabeled_crop = centre_crop_size(patch, total_stride(EncoderSpec.of(student.encoder).strides),
-                                               self.unlabeled_voxel_fraction)
+        self.unlabeled_crop, self.unlabeled_crops = plan_unlabeled_crops(patch, student.encoder, self.batch_size,
+                                                                         self.unlabeled_voxel_fraction)
         share = math.prod(self.unlabeled_crop) / math.prod(patch)
-        self.unlabeled_crops = unlabeled_crops_per_step(self.batch_size, share, self.unlabeled_voxel_fraction)
         cost = step_flop_ratio(share, self.unlabeled_per_step() / self.batch_size)
         self.print_to_log_file(f"Mean teacher: unlabeled consistency on the centre {list(self.unlabeled_crop)} of "
                                f"the {list(patch)} patch ({share:.3f} of its voxels), {self.unlabeled_per_step()} "
