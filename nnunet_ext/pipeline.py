@@ -7,9 +7,13 @@ are echoed.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 
 # lines of nnU-Net's output worth echoing while a step runs
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Label budget",
@@ -28,6 +32,17 @@ def nnunet_environment(hint: str = "") -> dict[str, str]:
     missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not env.get(v)]
     if missing:
         raise ValueError(f"set {', '.join(missing)} (nnU-Net's folders){hint}")
+    return env
+
+
+def local_environment(root: str) -> dict[str, str]:
+    """nnU-Net's folder variables (kept when set, else created under ``root``) plus CPU-friendly settings."""
+    env = dict(os.environ)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env.setdefault(var, os.path.abspath(os.path.join(root, var)))
+        os.makedirs(env[var], exist_ok=True)
+    env.setdefault("nnUNet_def_n_proc", "2")
+    env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
@@ -61,6 +76,36 @@ class Experiment:
         """nnU-Net's ``{trainer}__{plans}__{configuration}`` folder."""
         return os.path.join(self.env["nnUNet_results"], self.dataset_name,
                             f"{trainer}__{self.plans}__{self.configuration}")
+
+    def plans_file(self) -> str:
+        """The plans every trainer is given: ``$nnUNet_preprocessed/<dataset>/<plans>.json``."""
+        return os.path.join(self.env["nnUNet_preprocessed"], self.dataset_name, f"{self.plans}.json")
+
+    def trained_plans(self, trainer: str) -> tuple[str, str]:
+        """The plans name and the norm (class name, ``none`` without one) the trainer's network was built with,
+        from the ``plans.json`` nnU-Net writes into its result folder at training start (CPC trainers write
+        their GroupNorm copy there); empty strings before any training."""
+        from nnunet_ext.planners.groupnorm import norm_op_of
+
+        path = os.path.join(self.result_folder(trainer), "plans.json")
+        if not os.path.isfile(path):
+            return "", ""
+        with open(path) as f:
+            plans = json.load(f)
+        norm = norm_op_of(plans, self.configuration)
+        return plans.get("plans_name", self.plans), "none" if norm is None else norm.rsplit(".", 1)[-1]
+
+    def unlabeled_used(self, trainer: str, folds: Sequence[int]) -> tuple[int, ...]:
+        """Per fold, how many unlabeled images the trainer trained with (its ``unlabeled_cases.json``); empty for
+        supervised trainers, or when a fold's file is missing (e.g. trained elsewhere)."""
+        counts = []
+        for fold in folds:
+            path = os.path.join(self.result_folder(trainer), f"fold_{fold}", UNLABELED_IDS_FILE)
+            if not os.path.isfile(path):
+                return ()
+            with open(path) as f:
+                counts.append(len(json.load(f)["unlabeled"]))
+        return tuple(counts)
 
     def is_trained(self, trainer: str, fold: int) -> bool:
         """True when the fold finished training and nnU-Net's final validation."""

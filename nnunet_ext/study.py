@@ -9,7 +9,12 @@ EncDec cell of the same budget and seed, reused when the grid has it), the teach
 fold's unlabeled pool, then the student. Writes into
 ``--output`` (default ``$nnUNet_results/DatasetXXX_NAME/study``): ``results.csv``, ``results.md``
 (Table 1), ``fig2_dice_vs_labels.png``, ``fig4_dice_vs_unlabeled.png`` (ss trainers with several
-``--unlabeled``), ``study_status.json``, ``logs/`` and ``predictions/<trainer>/folds_<F>/``.
+``--unlabeled``), ``study_status.json``, ``logs/`` and ``predictions/<trainer>/folds_<F>/``. The tables name
+the plans and norm each cell trained with (its result folder's ``plans.json``).
+
+The study compares like with like: CPC trainers train the GroupNorm copy of instance- or batch-norm plans, so a
+grid that mixes them with other trainers on such plans is refused before anything trains, with the GroupNorm
+plans to make and use instead.
 
 Resumable: trained folds are skipped, an interrupted training resumes (``--c``), a cell whose
 evaluation summary exists is not predicted again. Before predicting, every test image is checked
@@ -37,34 +42,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nnunet_ext import pipeline
-from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
+from nnunet_ext.datasets import prepare
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
 from nnunet_ext.evaluation.report import CaseResult, markdown_table, summary_case_results, write_report
 from nnunet_ext.pipeline import Experiment, log
 from nnunet_ext.trainers.names import BASES, PAPER_MODELS, TrainerNameError, is_semi_supervised, trainer_name
 
 DISPATCH = ("local", "print", "submitit")
+CPC_MODULE = "nnunet_ext.trainers.cpc"  # its trainers train the GroupNorm copy of instance- or batch-norm plans
 SELF_TRAINED = "PseudoLabel"  # cells of this model train through `nnunet-ext self-train` (teacher first)
 STATUS_FILE = "study_status.json"
 # option defaults; a --preset replaces those the user did not give (see preset_options)
 DEFAULTS = {"plans": "nnUNetPlans", "configuration": "3d_fullres", "device": "cuda", "folds": [0, 1, 2, 3, 4],
             "no_mirroring": False, "repeats": 1, "baseline": "EncDec"}
 PRESETS = {
-    "cpu-smoke": {"labels": [3, 6], "folds": [0], "epochs": 2, "iters": 5, "no_mirroring": True, "device": "cpu"},
+    "cpu-smoke": {"trainers": list(PAPER_MODELS), "labels": [3, 6], "folds": [0], "epochs": 2, "iters": 5,
+                  "no_mirroring": True, "device": "cpu"},
     # does the paper's ordering hold on CPU? Fixed before any of its results were seen (docs/study.md): 2D
     # GroupNorm CPU plans of a synthetic dataset whose many unlabeled images show more brain, tumour and
     # scanner variety than 3 or 6 labeled cases can; 3 seeded repeats of each cell, one fold, 500 iterations
     # without mirroring (cut from 1000 mirrored iterations after the first cell took 7 minutes, before any
     # comparison was seen: the grid must fit one working session)
     "cpu-evidence": {"trainers": ["EncDec", "CPCSeg", "ssCPCSeg", "ssVAESeg"], "labels": [3, 6], "repeats": 3,
-                     "folds": [0], "epochs": 10, "iters": 50, "no_mirroring": True, "device": "cpu",
-                     "configuration": "2d"},
+                     "folds": [0], "epochs": 10, "iters": 50, "no_mirroring": True, "device": "cpu"},
 }
-EVIDENCE_DATASET_ID = 989
-EVIDENCE_DATA = {"num_train": 40, "num_test": 20, "num_unlabeled": 60, "shape": (40, 72, 96), "seed": 1,
-                 "variety": True}
-# where the presets keep nnU-Net's folders when nnUNet_* are unset (shared with `nnunet-ext demo`)
-SMOKE_ROOT = "nnunet_ext_demo"
+# the synthetic dataset each preset writes, plans (prepare.PLANS) and preprocesses in prepare.ROOT
+PRESET_DATA = {"cpu-smoke": prepare.DEMO, "cpu-evidence": prepare.EVIDENCE}
+# options that must keep the preset's value, as they choose its data (the smoke preset writes the demo data under
+# any -d; the evidence preset's dataset was fixed with its id, docs/study.md)
+PRESET_FIXED = {"cpu-smoke": ("plans", "configuration"), "cpu-evidence": ("d", "plans", "configuration")}
+OPTION_FLAGS = {"d": "-d", "plans": "-p", "configuration": "-c"}
 
 
 @dataclass(frozen=True)
@@ -140,18 +147,6 @@ class Study:
     def is_evaluated(self, cell: Cell) -> bool:
         """True when the cell's predictions are evaluated under every empty-mask convention."""
         return all(os.path.isfile(self.summary_path(cell, policy)) for policy in EMPTY_POLICIES)
-
-    def unlabeled_used(self, cell: Cell) -> tuple[int, ...]:
-        """Per fold, how many unlabeled images the cell trained with (its ``unlabeled_cases.json``);
-        empty for supervised cells, or when a fold's file is missing (e.g. trained elsewhere)."""
-        counts = []
-        for fold in self.folds:
-            path = os.path.join(self.experiment.result_folder(cell.trainer), f"fold_{fold}", UNLABELED_IDS_FILE)
-            if not os.path.isfile(path):
-                return ()
-            with open(path) as f:
-                counts.append(len(json.load(f)["unlabeled"]))
-        return tuple(counts)
 
     def pending_folds(self, cell: Cell) -> list[int]:
         """The folds of the cell that have not finished training."""
@@ -271,17 +266,19 @@ def update_status(path: str, cell: Cell, folds: list[int], entry: dict) -> None:
 
 
 def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
-    """Read the per-case metrics of the evaluated cells (every empty-mask convention) for the report."""
+    """Read the per-case metrics of the evaluated cells (every empty-mask convention) for the report, with the
+    unlabeled images, plans and norm each cell trained with (its result folder)."""
     results = []
     for cell in cells:
         if not study.is_evaluated(cell):
             continue
-        used = study.unlabeled_used(cell)
+        trained = (study.experiment.unlabeled_used(cell.trainer, study.folds),
+                   *study.experiment.trained_plans(cell.trainer))
         for policy in EMPTY_POLICIES:
             with open(study.summary_path(cell, policy)) as f:
                 summary = json.load(f)
             results += summary_case_results(summary, cell.trainer, cell.model, cell.labels, cell.unlabeled,
-                                            study.folds, cell.repeat, used)
+                                            study.folds, cell.repeat, *trained)
     return results
 
 
@@ -444,15 +441,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def preset_options(name: str) -> dict:
-    """A preset's options; cpu-smoke adds the demo's dataset and plans and the paper's six models."""
-    from nnunet_ext.datasets.prepare import PLANS as SYNTHETIC_PLANS
-    from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID
-    from nnunet_ext.demo import CONFIGURATION, PLANS
-
-    if name == "cpu-evidence":
-        return dict(PRESETS[name], d=EVIDENCE_DATASET_ID, plans=SYNTHETIC_PLANS)
-    return dict(PRESETS[name], d=DEFAULT_DATASET_ID, plans=PLANS, configuration=CONFIGURATION,
-                trainers=list(PAPER_MODELS))
+    """A preset's options, with the dataset id, plans and configuration of its synthetic data."""
+    data = PRESET_DATA[name]
+    return dict(PRESETS[name], d=data.dataset_id, plans=prepare.PLANS, configuration=data.configuration)
 
 
 def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -471,11 +462,10 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def study_environment(args: argparse.Namespace) -> dict[str, str]:
-    """nnU-Net's environment: the current one, or for the preset the demo's (folders and process counts)."""
+    """nnU-Net's environment: the current one, or for a preset the demo's (folders under prepare.ROOT when
+    unset, process counts)."""
     if args.preset:
-        from nnunet_ext.demo import demo_environment
-
-        return demo_environment(SMOKE_ROOT)
+        return pipeline.local_environment(prepare.ROOT)
     env = pipeline.nnunet_environment(", or use --preset cpu-smoke")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -490,56 +480,85 @@ def dataset_folder(raw_root: str, dataset_id: int) -> str:
     return os.path.join(raw_root, found[0])
 
 
-def prepare_smoke_dataset(args: argparse.Namespace, env: dict[str, str]) -> None:
-    """Write, plan and preprocess the demo dataset of the cpu-smoke preset when missing (as the demo does)."""
-    from nnunet_ext import demo
-
-    if (args.plans, args.configuration) != (demo.PLANS, demo.CONFIGURATION):
-        raise ValueError(f"--preset cpu-smoke prepares -p {demo.PLANS} -c {demo.CONFIGURATION}; drop -p/-c")
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    demo_args = parser.parse_args(["-d", str(args.d), "--output", os.path.abspath(SMOKE_ROOT),
-                                   "--trainers", *args.trainers])
-    demo.prepare_dataset(demo_args, env)
-
-
-def prepare_evidence_dataset(args: argparse.Namespace, env: dict[str, str]) -> None:
-    """Write, plan and preprocess the cpu-evidence preset's dataset (:data:`EVIDENCE_DATA`) when missing."""
-    from nnunet_ext.datasets.prepare import prepare_synthetic_dataset
-
-    expected = preset_options("cpu-evidence")
-    if (args.d, args.plans, args.configuration) != (expected["d"], expected["plans"], expected["configuration"]):
-        raise ValueError(f"--preset cpu-evidence prepares -d {expected['d']} -p {expected['plans']} "
-                         f"-c {expected['configuration']}; drop -d/-p/-c")
-    prepare_synthetic_dataset(env, args.d, args.configuration, os.path.join(os.path.abspath(SMOKE_ROOT), "logs"),
-                              unlabeled=any(map(is_semi_supervised, args.trainers)), **EVIDENCE_DATA)
+def prepare_preset_dataset(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Write, plan and preprocess the synthetic dataset of ``--preset`` (:data:`PRESET_DATA`) when missing; raise
+    ValueError when an option would give the preset other data."""
+    expected, fixed = preset_options(args.preset), PRESET_FIXED[args.preset]
+    if any(getattr(args, key) != expected[key] for key in fixed):
+        given = " ".join(f"{OPTION_FLAGS[key]} {expected[key]}" for key in fixed)
+        raise ValueError(f"--preset {args.preset} prepares {given}; drop {'/'.join(OPTION_FLAGS[k] for k in fixed)}")
+    logs = os.path.join(os.path.abspath(prepare.ROOT), "logs")
+    prepare.prepare_synthetic_dataset(env, args.d, args.configuration, logs,
+                                      unlabeled=any(map(is_semi_supervised, args.trainers)),
+                                      **PRESET_DATA[args.preset].data)
 
 
-def check_dataset(raw: str, env: dict[str, str], plans: str) -> None:
+def check_dataset(study: Study) -> None:
     """Raise ValueError unless the test split and the plans exist."""
     for sub in ("imagesTs", "labelsTs"):
-        if not os.path.isdir(os.path.join(raw, sub)):
-            raise ValueError(f"{raw} has no {sub}/: the study predicts and evaluates the labeled test split "
+        if not os.path.isdir(os.path.join(study.raw, sub)):
+            raise ValueError(f"{study.raw} has no {sub}/: the study predicts and evaluates the labeled test split "
                              f"(convert-msd and make-demo-dataset write one)")
-    plans_file = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), f"{plans}.json")
+    plans_file = study.experiment.plans_file()
     if not os.path.isfile(plans_file):
-        raise ValueError(f"-p {plans}: {plans_file} does not exist; plan and preprocess the dataset first "
-                         f"(nnunet-ext plan / nnUNetv2_plan_and_preprocess)")
+        raise ValueError(f"-p {study.experiment.plans}: {plans_file} does not exist; plan and preprocess the dataset "
+                         f"first (nnunet-ext plan / nnUNetv2_plan_and_preprocess)")
+
+
+def trains_group_norm_copy(model: str) -> bool:
+    """Whether a model's trainers train the GroupNorm copy of instance- or batch-norm plans (the CPC trainers)."""
+    return BASES[trainer_base(model)][0] == CPC_MODULE
+
+
+def group_norm_planner(plans: dict) -> tuple[str, str]:
+    """Our GroupNorm twin of the planner that wrote ``plans`` and the plans identifier it writes; nnU-Net's default
+    planner's twin (``nnUNetPlannerGN``, ``nnUNetGNPlans``) when it has none."""
+    from nnunet_ext.planners.groupnorm import GroupNormPlansMixin, nnUNetPlannerGN
+
+    used = plans.get("experiment_planner_used")
+    twin = next((planner for planner in GroupNormPlansMixin.__subclasses__()
+                 if any(base.__name__ == used for base in planner.__bases__)), nnUNetPlannerGN)
+    return twin.__name__, twin.default_plans_name
+
+
+def check_same_norm(cells: Sequence[Cell], experiment: Experiment) -> None:
+    """Raise ValueError when the grid's CPC cells would train another norm than its other cells (CPC trainers train
+    the GroupNorm copy of instance- or batch-norm plans, ``planners.groupnorm.group_norm_plans``), naming the
+    GroupNorm plans to make and use; grids of CPC trainers only, or without one, may use any plans."""
+    from nnunet_ext.planners.groupnorm import group_norm_plans, norm_op_of
+
+    cpc = list(dict.fromkeys(c.model for c in cells if trains_group_norm_copy(c.model)))
+    others = list(dict.fromkeys(c.model for c in cells if c.model not in cpc))
+    if not cpc or not others:
+        return
+    with open(experiment.plans_file()) as f:
+        plans = json.load(f)
+    configuration = experiment.configuration
+    norm = norm_op_of(plans, configuration)
+    if norm_op_of(group_norm_plans(plans)[0], configuration) == norm:
+        return
+    planner, group_norm = group_norm_planner(plans)
+    raise ValueError(f"--trainers {' '.join(cpc)} train the GroupNorm copy of -p {experiment.plans}, whose "
+                     f"{configuration} networks use {norm.rsplit('.', 1)[-1]}, so {' '.join(others)} would be "
+                     f"compared with another norm. Plan GroupNorm networks for every trainer with `nnunet-ext plan "
+                     f"-d {experiment.dataset_id} -pl {planner} --preprocess -c {configuration}` and rerun with "
+                     f"-p {group_norm} (or study the CPC trainers on their own)")
 
 
 def make_study(args: argparse.Namespace) -> Study:
     """Resolve the environment, dataset and folders of a study from the parsed options."""
     env = study_environment(args)
     if args.preset:
-        (prepare_evidence_dataset if args.preset == "cpu-evidence" else prepare_smoke_dataset)(args, env)
+        prepare_preset_dataset(args, env)
         env.setdefault("nnUNet_n_proc_DA", "0")  # like the demo; set after planning, which fails with 0
     raw = dataset_folder(env["nnUNet_raw"], args.d)
-    check_dataset(raw, env, args.plans)
     name = os.path.basename(raw)
     output = os.path.abspath(args.output or os.path.join(env["nnUNet_results"], name, "study"))
     experiment = Experiment(args.d, name, env, os.path.join(output, "logs"), args.plans, args.configuration,
                             args.device)
-    return Study(experiment, raw, output, list(dict.fromkeys(args.folds)), args.num_gpus)
+    study = Study(experiment, raw, output, list(dict.fromkeys(args.folds)), args.num_gpus)
+    check_dataset(study)
+    return study
 
 
 def run(args: argparse.Namespace) -> int:
@@ -554,6 +573,7 @@ def run(args: argparse.Namespace) -> int:
         # with --dispatch print, stdout carries only the commands
         with contextlib.redirect_stdout(sys.stderr) if args.dispatch == "print" else contextlib.nullcontext():
             study = make_study(args)
+        check_same_norm(cells, study.experiment)  # before anything trains
     except (ImportError, RuntimeError) as error:  # submitit missing; cpu-smoke data preparation failed (its log)
         raise SystemExit(f"nnunet-ext study: {error}") from error
     if args.dispatch == "print":

@@ -76,7 +76,7 @@ def test_csv_has_one_row_per_cell_repeat_policy_region_with_the_case_mean(cases,
     assert float(et[0].pop("dice")) == pytest.approx(0.8412) and float(et[0].pop("hd95_mm")) == pytest.approx(11.47)
     assert et[0] == {"trainer": "EncDecTrainer_6labels", "model": "EncDec", "labels": "6", "unlabeled": "",
                      "folds": "0 1", "repeat": "0", "region": "enhancing tumor", "policy": "brats",
-                     "unlabeled_used": ""}
+                     "unlabeled_used": "", "plans": "", "norm": ""}
 
 
 def test_case_means_leave_nan_out():
@@ -89,12 +89,12 @@ def test_case_means_leave_nan_out():
 def test_table1_columns_rows_and_formatting_with_one_repeat(cases):
     lines = markdown_table(cases).splitlines()
     assert lines[0] == ("| model | labels | unlabeled | Dice ET | Dice TC | Dice WT | "
-                        "HD95 ET (mm) | HD95 TC (mm) | HD95 WT (mm) | repeats |")
-    assert lines[1] == "|" + "---|" * 10
+                        "HD95 ET (mm) | HD95 TC (mm) | HD95 WT (mm) | repeats | plans (norm) |")
+    assert lines[1] == "|" + "---|" * 11
     assert lines[2:] == [
-        "| EncDec | 3 | – | 0.5000 | 0.6000 | 0.7000 | 20.00 | 21.00 | 22.00 | 1 |",
-        "| EncDec | 6 | – | 0.8412 | 0.8383 | 0.9144 | 11.47 | 20.12 | 24.37 | 1 |",
-        "| ssCPCSeg | 6 | – | 0.8873 | 0.8761 | 0.9151 | 8.71 | 16.09 | 12.40 | 1 |",
+        "| EncDec | 3 | – | 0.5000 | 0.6000 | 0.7000 | 20.00 | 21.00 | 22.00 | 1 | – |",
+        "| EncDec | 6 | – | 0.8412 | 0.8383 | 0.9144 | 11.47 | 20.12 | 24.37 | 1 | – |",
+        "| ssCPCSeg | 6 | – | 0.8873 | 0.8761 | 0.9151 | 8.71 | 16.09 | 12.40 | 1 | – |",
     ]
 
 
@@ -103,16 +103,17 @@ def test_table1_shows_mean_and_sample_std_over_two_repeats():
              *_cases("EncDec", 6, None, (0.7, 0.6, 0.9), (12.0, 20.0, 31.0), repeat=1)]
     assert markdown_table(cases).splitlines()[2] == (
         "| EncDec | 6 | – | 0.6000 ± 0.1414 | 0.6000 ± 0.0000 | 0.8000 ± 0.1414 | "
-        "11.00 ± 1.41 | 20.00 ± 0.00 | 30.50 ± 0.71 | 2 |")
+        "11.00 ± 1.41 | 20.00 ± 0.00 | 30.50 ± 0.71 | 2 | – |")
 
 
 def test_table1_marks_nan_and_missing_regions():
     cases = [CaseResult("T_3labels", "T", 3, 5, (0,), 0, "c", "a", "brats", math.nan, 1.5),
              CaseResult("U_3labels", "U", 3, None, (0,), 0, "c", "b", "brats", 0.25, math.nan)]
     lines = markdown_table(cases).splitlines()
-    assert lines[0] == "| model | labels | unlabeled | Dice a | Dice b | HD95 a (mm) | HD95 b (mm) | repeats |"
-    assert lines[2] == "| T | 3 | 5 | n/a | n/a | 1.50 | n/a | 1 |"
-    assert lines[3] == "| U | 3 | – | n/a | 0.2500 | n/a | n/a | 1 |"
+    assert lines[0] == ("| model | labels | unlabeled | Dice a | Dice b | HD95 a (mm) | HD95 b (mm) | repeats | "
+                        "plans (norm) |")
+    assert lines[2] == "| T | 3 | 5 | n/a | n/a | 1.50 | n/a | 1 | – |"
+    assert lines[3] == "| U | 3 | – | n/a | 0.2500 | n/a | n/a | 1 | – |"
 
 
 def test_table1_gives_the_unlabeled_count_of_all_available_over_folds_and_repeats():
@@ -123,6 +124,19 @@ def test_table1_gives_the_unlabeled_count_of_all_available_over_folds_and_repeat
              case("ss_6labels", 6, None, 1, (22, 23)), case("ss_6labels_8unlabeled", 6, 8, 0, (8, 8))]
     assert [line.split(" | ")[2] for line in markdown_table(cases).splitlines()[2:]] == \
         ["all (26)", "all (22–24)", "8"]
+
+
+def test_table1_and_csv_name_the_plans_and_norm_each_cell_trained_with(tmp_path):
+    trainings = [("EncDec", 0, "nnUNetPlans", "InstanceNorm3d"), ("CPCSeg", 0, "nnUNetPlans", "GroupNorm"),
+                 ("CPCSeg", 1, "nnUNetPlans", "GroupNorm"), ("VAESeg", 0, "nnUNetGNPlans", "GroupNorm"),
+                 ("VAESeg", 1, "nnUNetPlans", "InstanceNorm3d")]
+    cases = [replace(c, plans=plans, norm=norm) for model, repeat, plans, norm in trainings
+             for c in _cases(model, 6, None, (0.5,) * 3, (1.0,) * 3, repeat)]
+    assert [line.rsplit(" | ", 2)[1:] for line in markdown_table(cases).splitlines()[2:]] == [
+        ["1", "nnUNetPlans (InstanceNorm3d) |"], ["2", "nnUNetPlans (GroupNorm) |"],
+        ["2", "nnUNetGNPlans (GroupNorm), nnUNetPlans (InstanceNorm3d) |"]]  # repeats that differ: both
+    with open(write_report(cases, str(tmp_path))["csv"], newline="") as f:
+        assert {(r["model"], int(r["repeat"]), r["plans"], r["norm"]) for r in csv.DictReader(f)} == set(trainings)
 
 
 def test_report_has_both_conventions_in_order():

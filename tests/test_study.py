@@ -3,9 +3,11 @@ slow run of a tiny real grid through the ``nnunet-ext study`` command."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -16,13 +18,26 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ext import cli, demo, pipeline
+import nnunet_ext
+from nnunet_ext import cli, pipeline
+from nnunet_ext.datasets import prepare
 from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, REGION_LABELS
-from nnunet_ext.study import build_grid, prepare_evidence_dataset, prepare_smoke_dataset, resolve_options, time_left
+from nnunet_ext.planners.groupnorm import GROUP_NORM, group_norm_plans
+from nnunet_ext.study import build_grid, prepare_preset_dataset, resolve_options, time_left
 from nnunet_ext.trainers.names import BASES
 
 DATASET = "Dataset042_Fake"
 RESULT_FOLDER = "{trainer}__nnUNetPlans__3d_fullres"
+INSTANCE_NORM = "torch.nn.modules.instancenorm.InstanceNorm3d"
+
+
+def write_plans(preprocessed, name: str, norm: str = INSTANCE_NORM, planner: str = "ExperimentPlanner") -> None:
+    """A plans file with one 3d_fullres network whose norm is ``norm``, as ``planner`` names itself in it."""
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"norm_op": norm}, "_kw_requires_import": ["norm_op"]}
+    plans = {"plans_name": name, "experiment_planner_used": planner,
+             "configurations": {"3d_fullres": {"architecture": arch}}}
+    (preprocessed / f"{name}.json").write_text(json.dumps(plans))
 
 
 @pytest.fixture
@@ -34,11 +49,13 @@ def ss_base(monkeypatch):
 
 @pytest.fixture
 def fake_nnunet(tmp_path, monkeypatch):
-    """nnU-Net folders with a 2-case labeled test split, a plans file, and a stub of ``run_command``.
+    """nnU-Net folders with a 2-case labeled test split, InstanceNorm plans ``nnUNetPlans``, and a stub of
+    ``run_command``.
 
     The stub records every command; training writes the fold's validation summary (what
-    ``Experiment.is_trained`` looks for) unless the trainer/fold is in ``fail``; prediction copies
-    the reference label maps into the output folder, so the real evaluation gives Dice 1.
+    ``Experiment.is_trained`` looks for) and the plans.json nnU-Net writes into the result folder (for CPC
+    trainers their GroupNorm copy) unless the trainer/fold is in ``fail``; prediction copies the reference label
+    maps into the output folder, so the real evaluation gives Dice 1.
     """
     raw = tmp_path / "raw" / DATASET
     for sub in ("imagesTs", "labelsTs"):
@@ -54,11 +71,12 @@ def fake_nnunet(tmp_path, monkeypatch):
         sitk.WriteImage(sitk.GetImageFromArray(label.astype(np.float32)),
                         str(raw / "imagesTs" / f"FAKE_{case}_0000.nii.gz"))
     (tmp_path / "preprocessed" / DATASET).mkdir(parents=True)
-    (tmp_path / "preprocessed" / DATASET / "nnUNetPlans.json").write_text("{}")
+    write_plans(tmp_path / "preprocessed" / DATASET, "nnUNetPlans")
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         monkeypatch.setenv(var, str(tmp_path / sub))
     fake = types.SimpleNamespace(calls=[], fail=set(), raw=raw, results=tmp_path / "results" / DATASET,
-                                 output=tmp_path / "results" / DATASET / "study")
+                                 output=tmp_path / "results" / DATASET / "study",
+                                 preprocessed=tmp_path / "preprocessed" / DATASET)
 
     def run_command(cmd: list[str], env: dict[str, str], log_path: str, echo: bool = True) -> None:
         fake.calls.append(cmd)
@@ -66,9 +84,14 @@ def fake_nnunet(tmp_path, monkeypatch):
         if cmd[0] == "nnUNetv2_train":
             if (trainer, int(cmd[3])) in fake.fail:
                 raise RuntimeError(f"command failed (exit 1): {' '.join(cmd)}; see {log_path}")
-            fold = fake.results / RESULT_FOLDER.format(trainer=trainer) / f"fold_{cmd[3]}" / "validation"
+            plans_name = cmd[cmd.index("-p") + 1]
+            fold = fake.results / f"{trainer}__{plans_name}__{cmd[2]}" / f"fold_{cmd[3]}" / "validation"
             fold.mkdir(parents=True)
             (fold / "summary.json").write_text("{}")
+            plans = json.loads((fake.preprocessed / f"{plans_name}.json").read_text())
+            if trainer.startswith(("CPCSeg", "ssCPCSeg")):  # what the CPC trainers train (trainers/cpc.py)
+                plans = group_norm_plans(plans)[0]
+            (fold.parent.parent / "plans.json").write_text(json.dumps(plans))
             if trainer.startswith("ss"):  # what ss* trainers record: 10 unlabeled images in fold 0, 11 in fold 1
                 ids = [f"U{i}" for i in range(10 + int(cmd[3]))]
                 (fold.parent / "unlabeled_cases.json").write_text(json.dumps({"unlabeled": ids}))
@@ -162,7 +185,7 @@ def test_missing_test_labels_are_an_error(fake_nnunet, capsys):
 def test_preset_fills_only_unset_options():
     args = cli.build_parser("study").parse_args(["study", "--preset", "cpu-smoke", "--labels", "4"])
     resolve_options(args)
-    assert args.d == DEFAULT_DATASET_ID and args.plans == demo.PLANS
+    assert args.d == DEFAULT_DATASET_ID and args.plans == prepare.PLANS
     assert args.labels == [4] and args.folds == [0] and args.device == "cpu" and args.no_mirroring
     assert args.trainers == ["EncDec", "VAESeg", "BoundSeg", "CPCSeg", "ssVAESeg", "ssCPCSeg"]  # the paper's six
     plain = resolve_options(cli.build_parser("study").parse_args(["study", "-d", "1", "--trainers", "EncDec",
@@ -173,32 +196,58 @@ def test_preset_fills_only_unset_options():
 
 
 def test_evidence_preset_is_fixed_and_prepares_its_own_dataset(monkeypatch):
-    from nnunet_ext.datasets import prepare
-
     args = resolve_options(cli.build_parser("study").parse_args(["study", "--preset", "cpu-evidence"]))
     assert (args.d, args.plans, args.configuration, args.repeats, args.folds, args.epochs * args.iters,
             args.no_mirroring) == (989, "nnUNetCPUGNPlans", "2d", 3, [0], 500, True)
     assert args.trainers == ["EncDec", "CPCSeg", "ssCPCSeg", "ssVAESeg"] and args.labels == [3, 6]
     prepared = []
     monkeypatch.setattr(prepare, "prepare_synthetic_dataset", lambda *a, **k: prepared.append((a, k)))
-    prepare_evidence_dataset(args, {})
+    prepare_preset_dataset(args, {})
     (env, dataset_id, configuration, _), kwargs = prepared[0]
     assert (dataset_id, configuration, kwargs["variety"], kwargs["unlabeled"]) == (989, "2d", True, True)
     with pytest.raises(ValueError, match="--preset cpu-evidence prepares -d 989 -p nnUNetCPUGNPlans -c 2d"):
-        prepare_evidence_dataset(resolve_options(cli.build_parser("study").parse_args(
+        prepare_preset_dataset(resolve_options(cli.build_parser("study").parse_args(
             ["study", "--preset", "cpu-evidence", "-c", "3d_fullres"])), {})
 
 
 def test_preset_prepares_the_demo_dataset_with_the_demo_arguments(monkeypatch):
+    from nnunet_ext import demo
+
     prepared = []
-    monkeypatch.setattr(demo, "prepare_dataset", lambda args, env: prepared.append(args))
-    args = resolve_options(cli.build_parser("study").parse_args(["study", "--preset", "cpu-smoke"]))
-    prepare_smoke_dataset(args, {})
-    assert prepared[0].d == DEFAULT_DATASET_ID and prepared[0].trainers == args.trainers
-    assert prepared[0].output == os.path.abspath("nnunet_ext_demo")
-    with pytest.raises(ValueError, match="--preset cpu-smoke prepares -p"):
-        prepare_smoke_dataset(resolve_options(cli.build_parser("study").parse_args(
+    for module in (prepare, demo):
+        monkeypatch.setattr(module, "prepare_synthetic_dataset", lambda *a, **k: prepared.append((a, k)))
+    args = resolve_options(cli.build_parser("study").parse_args(["study", "--preset", "cpu-smoke", "-d", "991"]))
+    prepare_preset_dataset(args, {})
+    defaults = cli.build_parser("demo").parse_args(["demo"])  # what `nnunet-ext demo` writes
+    demo.prepare_dataset(defaults, {})
+    (_, dataset_id, configuration, logs), kwargs = prepared[0]
+    assert (dataset_id, configuration, logs) == (991, "3d_fullres", os.path.abspath("nnunet_ext_demo/logs"))
+    assert kwargs["unlabeled"] and kwargs == dict(prepared[1][1], shape=tuple(prepared[1][1]["shape"]))
+    with pytest.raises(ValueError, match="--preset cpu-smoke prepares -p nnUNetCPUGNPlans -c 3d_fullres; drop -p/-c"):
+        prepare_preset_dataset(resolve_options(cli.build_parser("study").parse_args(
             ["study", "--preset", "cpu-smoke", "-p", "nnUNetPlans"])), {})
+
+
+def imported_modules(path: str) -> set[str]:
+    """Every module a source file imports, at module level or in a function (``from a import b``: a and a.b)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_imports_run_demo_then_study_then_datasets():
+    root = os.path.dirname(nnunet_ext.__file__)
+    assert "nnunet_ext.demo" not in imported_modules(os.path.join(root, "study.py"))
+    below = ["pipeline.py", *(os.path.join("datasets", f) for f in os.listdir(os.path.join(root, "datasets"))
+                              if f.endswith(".py"))]
+    for name in below:
+        assert not {"nnunet_ext.demo", "nnunet_ext.study"} & imported_modules(os.path.join(root, name)), name
 
 
 def test_dispatch_print_prints_remaining_commands_only(fake_nnunet, capsys):
@@ -221,17 +270,17 @@ def test_dispatch_print_prints_remaining_commands_only(fake_nnunet, capsys):
 
 
 def test_dispatch_print_keeps_data_preparation_output_off_stdout(fake_nnunet, monkeypatch, capsys):
-    def prepare(args, env):
-        print("[demo] preparing")
-        raw = shutil.copytree(fake_nnunet.raw, os.path.join(env["nnUNet_raw"], f"Dataset{args.d}_BraTSDemo"))
-        os.makedirs(os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw)))
-        with open(os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), f"{demo.PLANS}.json"), "w") as f:
-            f.write("{}")
+    def prepare_dataset(env, dataset_id, configuration, log_folder, unlabeled, **data):
+        print("[prepare] preparing")
+        raw = shutil.copytree(fake_nnunet.raw, os.path.join(env["nnUNet_raw"], f"Dataset{dataset_id}_BraTSDemo"))
+        preprocessed = pathlib.Path(env["nnUNet_preprocessed"], os.path.basename(raw))
+        preprocessed.mkdir()
+        write_plans(preprocessed, prepare.PLANS, GROUP_NORM)
 
-    monkeypatch.setattr(demo, "prepare_dataset", prepare)
+    monkeypatch.setattr(prepare, "prepare_synthetic_dataset", prepare_dataset)
     assert cli.main(["study", "--preset", "cpu-smoke", "--trainers", "EncDec", "--dispatch", "print"]) == 0
     out, err = capsys.readouterr()
-    assert "[demo] preparing" in err
+    assert "[prepare] preparing" in err
     assert [line.split()[0] for line in out.splitlines()] == \
         ["nnUNetv2_train", "nnUNetv2_predict", "nnunet-ext", "nnunet-ext"] * 2
 
@@ -341,6 +390,56 @@ def test_report_says_how_many_unlabeled_images_each_fold_used(fake_nnunet, ss_ba
     assert used == {"EncDecTrainer_3labels": "", "ssFakeTrainer_3labels": "10 11"}
 
 
+def test_grid_mixing_cpc_with_other_trainers_on_instance_norm_plans_is_refused(fake_nnunet, capsys):
+    err = user_error(capsys, "--trainers", "EncDec", "CPCSeg", "ssCPCSeg", "VAESeg", "--labels", "3")
+    assert "--trainers CPCSeg ssCPCSeg train the GroupNorm copy of -p nnUNetPlans, whose 3d_fullres networks use " \
+           "InstanceNorm3d, so EncDec VAESeg would be compared with another norm" in err
+    assert "`nnunet-ext plan -d 42 -pl nnUNetPlannerGN --preprocess -c 3d_fullres` and rerun with " \
+           "-p nnUNetGNPlans" in err
+    write_plans(fake_nnunet.preprocessed, "nnUNetResEncUNetMPlans", "torch.nn.BatchNorm3d", "nnUNetPlannerResEncM")
+    err = user_error(capsys, "--trainers", "CPCSeg", "EncDec", "--labels", "3", "-p", "nnUNetResEncUNetMPlans",
+                     "--dispatch", "print")
+    assert "use BatchNorm3d" in err and "-pl nnUNetPlannerResEncMGN " in err and "-p nnUNetResEncUNetMGNPlans" in err
+    assert fake_nnunet.calls == [] and not fake_nnunet.output.exists()
+
+
+def results_of(output) -> tuple[str, list[dict]]:
+    """The Table 1 of a study's results.md (BraTS convention) and the rows of its results.csv."""
+    table = (output / "results.md").read_text().split("## nnU-Net convention")[0]
+    with open(output / "results.csv", newline="") as f:
+        return table, list(csv.DictReader(f))
+
+
+def test_table_names_the_plans_and_norm_each_cell_trained_with(fake_nnunet, tmp_path):
+    # CPC trainers alone, or no CPC trainer, on InstanceNorm plans: each grid compares like with like
+    assert study("--trainers", "CPCSeg", "ssCPCSeg", "--labels", "3", "--folds", "0") == 0
+    table, rows = results_of(fake_nnunet.output)
+    assert "| repeats | plans (norm) |" in table
+    assert "| 1 | nnUNetPlans (GroupNorm) |\n| ssCPCSeg | 3 | all (10) |" in table
+    assert {(r["trainer"], r["plans"], r["norm"]) for r in rows} == {
+        ("CPCSegTrainer_3labels", "nnUNetPlans", "GroupNorm"), ("ssCPCSegTrainer_3labels", "nnUNetPlans", "GroupNorm")}
+    assert study("--trainers", "EncDec", "--labels", "3", "--folds", "0", "--output", str(tmp_path / "encdec")) == 0
+    assert "| 1 | nnUNetPlans (InstanceNorm3d) |" in results_of(tmp_path / "encdec")[0]
+    # on GroupNorm plans every trainer may be compared
+    write_plans(fake_nnunet.preprocessed, "nnUNetGNPlans", GROUP_NORM, "nnUNetPlannerGN")
+    assert study("--trainers", "EncDec", "CPCSeg", "--labels", "3", "--folds", "0", "-p", "nnUNetGNPlans") == 0
+    table, rows = results_of(fake_nnunet.output)
+    assert table.count("| 1 | nnUNetGNPlans (GroupNorm) |") == 2 and {r["norm"] for r in rows} == {"GroupNorm"}
+
+
+def test_demo_table_shows_the_unlabeled_images_and_plans_each_trainer_trained_with(fake_nnunet, ss_base, monkeypatch,
+                                                                                   tmp_path):
+    from nnunet_ext import demo
+
+    write_plans(fake_nnunet.preprocessed, prepare.PLANS, GROUP_NORM, "nnUNetPlannerCPUGN")
+    monkeypatch.setattr(demo, "prepare_dataset", lambda args, env: str(fake_nnunet.raw))
+    assert cli.main(["demo", "-d", "42", "--trainers", "EncDec", ss_base, "--output", str(tmp_path / "demo")]) == 0
+    table = (tmp_path / "demo" / "demo_results.md").read_text().splitlines()
+    assert table[3].startswith("| ssFake | 6 | all (10–11) | 1.0000 |")  # folds 0 and 1 of the demo
+    assert table[0].endswith("| repeats | plans (norm) |")
+    assert table[2].startswith("| EncDec | 6 | – | 1.0000 |") and table[2].endswith("| nnUNetCPUGNPlans (GroupNorm) |")
+
+
 def test_submitit_missing_names_the_install_command(fake_nnunet, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` raise ImportError
     with pytest.raises(SystemExit, match="pip install submitit"):
@@ -421,6 +520,7 @@ def test_tiny_real_grid_through_the_cli(tiny_dataset, tmp_path):
     report = (output / "results.md").read_text()
     assert "| model | labels | unlabeled | Dice ET |" in report and "Paired differences to EncDec" in report
     assert "| VAESeg | – | ET | 2 |" in report  # the paired row of VAESeg vs EncDec over both repeats
+    assert report.count("| 2 | nnUNetCPUPlans (InstanceNorm3d) |") == 4  # 2 models, both conventions
     for figure in ("fig2_dice_vs_labels.png", "fig_paired_dice.png"):
         assert (output / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     labeled = [json.load(open(os.path.join(ds["results"], f"EncDecTrainer_2labels_1epochs_2iters_noMirroring_s{r}"

@@ -70,7 +70,8 @@ def plan_dataset(dataset_id: int, planner: str = "nnUNetPlannerCPU", gpu_memory_
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan each dataset and print the command that preprocesses it (or run it with --preprocess)."""
+    """Plan each dataset, print the command that preprocesses it (or run it with --preprocess) and the training
+    command of each configuration given with -c."""
     from nnunetv2.configuration import default_num_processes
 
     for d in args.d:
@@ -82,5 +83,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"[nnunet-ext plan] next: nnUNetv2_preprocess -d {d} -plans_name {identifier} "
                   f"-c {' '.join(args.c)}")
-        print(f"[nnunet-ext plan] train with: nnUNetv2_train {d} 3d_fullres 0 -p {identifier} -tr EncDecTrainer")
+        for configuration in args.c:
+            print(f"[nnunet-ext plan] train with: nnUNetv2_train {d} {configuration} 0 -p {identifier} "
+                  f"-tr EncDecTrainer")
     return 0

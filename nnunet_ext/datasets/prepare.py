@@ -1,13 +1,44 @@
-"""Write, plan and preprocess a synthetic dataset with the real commands, skipping what is already there."""
+"""The synthetic datasets the demo and the study's presets train on, and their preparation with the real commands.
+
+Each :class:`SyntheticSetup` names a dataset id, the configuration it is preprocessed for and the arguments of
+``make_demo_dataset``; :func:`prepare_synthetic_dataset` writes, plans and preprocesses it, skipping what is
+already there. The demo and ``nnunet-ext study --preset`` both use them, so neither depends on the other.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-from nnunet_ext.datasets.synthetic import DEFAULT_NAME, VARIETY_NAME, make_demo_dataset
+from nnunet_ext.datasets.synthetic import (
+    DEFAULT_DATASET_ID,
+    DEFAULT_NAME,
+    DEFAULT_SHAPE,
+    VARIETY_NAME,
+    make_demo_dataset,
+)
 from nnunet_ext.pipeline import log, run_command
 
 PLANNER, PLANS = "nnUNetPlannerCPUGN", "nnUNetCPUGNPlans"  # one set of plans for every trainer compared
+ROOT = "nnunet_ext_demo"  # where the demo and the presets keep nnU-Net's folders when nnUNet_* are unset
+
+
+@dataclass(frozen=True)
+class SyntheticSetup:
+    """A synthetic dataset as trained on: its id, the configuration it is preprocessed for, and the keyword
+    arguments of ``make_demo_dataset`` that write it."""
+
+    dataset_id: int
+    configuration: str
+    data: dict
+
+
+# the demo's data (and the cpu-smoke preset's): 20 training, 4 test and 16 unlabeled cases of 52 x 52 x 72 voxels
+DEMO = SyntheticSetup(DEFAULT_DATASET_ID, "3d_fullres",
+                      {"num_train": 20, "num_test": 4, "num_unlabeled": 16, "shape": DEFAULT_SHAPE, "seed": 0})
+# the cpu-evidence preset's data (docs/study.md): more brain, tumour and scanner variety than 3-6 labeled cases show
+EVIDENCE = SyntheticSetup(989, "2d", {"num_train": 40, "num_test": 20, "num_unlabeled": 60, "shape": (40, 72, 96),
+                                      "seed": 1, "variety": True})
 
 
 def prepare_synthetic_dataset(env: dict[str, str], dataset_id: int, configuration: str, log_folder: str,

@@ -7,8 +7,8 @@ with its own labeled subset) are told apart by ``repeat`` and may have different
 
 - ``results.csv``: one :class:`ResultRow` per cell × repeat × policy × region, the mean over the test cases.
 - ``results.md``: per policy, Table 1 (mean ± sample std over the repeats of those means, the std only with
-  more than one repeat) and, per label budget, the paired differences of every other model to the baseline
-  model at the same budget (see ``statistics``).
+  more than one repeat, and the plans and norm the cell trained with) and, per label budget, the paired
+  differences of every other model to the baseline model at the same budget (see ``statistics``).
 - Fig. 2 (Dice vs labels), Fig. 4 (Dice vs unlabeled count), each a mean line with a ± std band over the
   repeats, and the per-case paired plot (ΔDice per test case); all for the first policy present in
   ``EMPTY_POLICIES`` order (BraTS before nnU-Net's).
@@ -46,7 +46,7 @@ from nnunet_ext.evaluation.statistics import (
 BRATS_REGIONS = {"enhancing tumor": "ET", "tumor core": "TC", "whole tumor": "WT"}
 POLICY_TITLES = {"brats": "BraTS convention", "nan": "nnU-Net convention"}
 CSV_COLUMNS = ("trainer", "model", "labels", "unlabeled", "folds", "repeat", "region", "policy", "dice", "hd95_mm",
-               "unlabeled_used")
+               "unlabeled_used", "plans", "norm")
 FILES = {"csv": "results.csv", "table": "results.md", "fig2": "fig2_dice_vs_labels.png",
          "fig4": "fig4_dice_vs_unlabeled.png", "paired": "fig_paired_dice.png"}
 BASELINE = "EncDec"
@@ -58,7 +58,8 @@ class CaseResult:
 
     ``unlabeled`` None: no ``_unlabeled`` suffix. ``unlabeled_used``: how many unlabeled images each fold
     of a semi-supervised repeat trained with (from its ``unlabeled_cases.json``), in fold order; empty for
-    supervised cells.
+    supervised cells. ``plans``, ``norm``: the plans name and the norm's class name the repeat's network was
+    built with (from its result folder's ``plans.json``; CPC trainers train a GroupNorm copy); empty when unknown.
     """
 
     trainer: str
@@ -73,10 +74,13 @@ class CaseResult:
     dice: float
     hd95: float
     unlabeled_used: tuple[int, ...] = ()
+    plans: str = ""
+    norm: str = ""
 
 
 def summary_case_results(summary: dict, trainer: str, model: str, labels: int, unlabeled: int | None,
-                         folds: Sequence[int], repeat: int = 0, unlabeled_used: Sequence[int] = ()) -> list[CaseResult]:
+                         folds: Sequence[int], repeat: int = 0, unlabeled_used: Sequence[int] = (), plans: str = "",
+                         norm: str = "") -> list[CaseResult]:
     """The :class:`CaseResult` of every test case and region in one ``evaluate_folder`` summary (its policy); a
     metric the JSON wrote as null (NaN) is NaN."""
     def value(v: float | None) -> float:
@@ -84,7 +88,7 @@ def summary_case_results(summary: dict, trainer: str, model: str, labels: int, u
 
     policy = summary["conventions"]["empty_policy"]
     return [CaseResult(trainer, model, labels, unlabeled, tuple(folds), repeat, c["case"], region, policy,
-                       value(m["Dice"]), value(m["HD95"]), tuple(unlabeled_used))
+                       value(m["Dice"]), value(m["HD95"]), tuple(unlabeled_used), plans, norm)
             for c in summary["metric_per_case"] for region, m in c["metrics"].items()]
 
 
@@ -103,6 +107,8 @@ class ResultRow:
     dice: float
     hd95: float
     unlabeled_used: tuple[int, ...] = ()
+    plans: str = ""
+    norm: str = ""
 
 
 class CellKey(NamedTuple):
@@ -174,20 +180,20 @@ def result_rows(cases: Sequence[CaseResult]) -> list[ResultRow]:
         results = list(index[cell, repeat, policy, region].values())
         rows.append(ResultRow(results[0].trainer, *cell, repeat, region, policy,
                               mean_and_std([r.dice for r in results])[0], mean_and_std([r.hd95 for r in results])[0],
-                              results[0].unlabeled_used))
+                              results[0].unlabeled_used, results[0].plans, results[0].norm))
     return rows
 
 
 def write_csv(rows: Sequence[ResultRow], path: str) -> str:
     """Write one CSV line per row with :data:`CSV_COLUMNS` (folds and per-fold counts space-separated,
-    None as empty)."""
+    None and unknown plans as empty)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for r in rows:
             writer.writerow([r.trainer, r.model, r.labels, "" if r.unlabeled is None else r.unlabeled,
                              " ".join(map(str, r.folds)), r.repeat, r.region, r.policy, r.dice, r.hd95,
-                             " ".join(map(str, r.unlabeled_used))])
+                             " ".join(map(str, r.unlabeled_used)), r.plans, r.norm])
     return path
 
 
@@ -212,6 +218,12 @@ def _unlabeled_cell(unlabeled: int | None, used: Sequence[int]) -> str:
     return f"all ({low})" if low == high else f"all ({low}–{high})"
 
 
+def _plans_cell(rows: Sequence[ResultRow]) -> str:
+    """The table's plans entry of a cell: ``plans (norm)`` as its repeats trained (several when they differ), or
+    ``–`` when unknown."""
+    return ", ".join(dict.fromkeys(f"{r.plans} ({r.norm})" for r in rows if r.plans)) or "–"
+
+
 def _unlabeled_used(results: Sequence[CaseResult | ResultRow]) -> dict[CellKey, tuple[int, ...]]:
     """Return per cell the unlabeled counts of all its repeats' folds."""
     per_repeat = {(cell_of(r), r.repeat): r.unlabeled_used for r in results}
@@ -222,11 +234,12 @@ def _unlabeled_used(results: Sequence[CaseResult | ResultRow]) -> dict[CellKey, 
 
 
 def markdown_table(cases: Sequence[CaseResult], policy: str = "brats") -> str:
-    """Table 1 of the paper under one policy: per cell Dice then HD95 (mm) per region, mean ± std over repeats."""
+    """Table 1 of the paper under one policy: per cell Dice then HD95 (mm) per region, mean ± std over repeats, then
+    the number of repeats and the plans (norm) the cell trained with."""
     rows = [r for r in result_rows(cases) if r.policy == policy]
     regions = region_order(cases)
     head = ["model", "labels", "unlabeled", *(f"Dice {region_label(g)}" for g in regions),
-            *(f"HD95 {region_label(g)} (mm)" for g in regions), "repeats"]
+            *(f"HD95 {region_label(g)} (mm)" for g in regions), "repeats", "plans (norm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     used = _unlabeled_used(rows)
     for cell in dict.fromkeys(map(cell_of, rows)):
@@ -235,7 +248,7 @@ def markdown_table(cases: Sequence[CaseResult], policy: str = "brats") -> str:
                   + [_mean_std([r.hd95 for r in cell_rows if r.region == g], 2) for g in regions])
         repeats = len({r.repeat for r in cell_rows})
         lines.append(f"| {cell.model} | {cell.labels} | {_unlabeled_cell(cell.unlabeled, used[cell])} | "
-                     + " | ".join(values) + f" | {repeats} |")
+                     + " | ".join(values) + f" | {repeats} | {_plans_cell(cell_rows)} |")
     return "\n".join(lines)
 
 
