@@ -10,6 +10,7 @@ from dynamic_network_architectures.building_blocks.helper import get_matching_in
 from torch import nn
 
 from nnunet_ext.branches import BoundaryBranch, CPCBranch, VAEBranch, extract_subpatches
+from nnunet_ext.branches.blocks import encode_to_stage, stage_at_stride
 from nnunet_ext.nn import GroupNorm
 
 IN_CHANNELS, NUM_TARGETS = 2, 3
@@ -98,7 +99,7 @@ def test_boundary_branch_refuses_unlabeled_samples():
 
 
 def test_cpc_warns_on_instancenorm_encoder_only():
-    with pytest.warns(UserWarning, match="nnunet_ext.branches.blocks.GroupNorm"):
+    with pytest.warns(UserWarning, match="nnunet_ext.nn.GroupNorm"):
         CPCBranch.from_encoder(build_encoder("plain3d"), (48, 48, 64), IN_CHANNELS, NUM_TARGETS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -110,9 +111,53 @@ def test_cpc_warns_on_instancenorm_encoder_only():
 def test_cpc_description_names_the_prediction_axis_and_positions():
     branch = CPCBranch.from_encoder(build_encoder("plain3d", GroupNorm), (48, 64, 48), IN_CHANNELS, NUM_TARGETS)
     assert branch.description((48, 64, 48)) == (
-        "sub-patch grid (2, 3, 2) (32-voxel sub-patches, stride 16), prediction axis 1: context positions 0-0, "
+        "sub-patch vectors pooled from encoder stage 3 of 4 (stride 8x8x8); sub-patch grid (2, 3, 2) (32-voxel sub-patches, stride 16), prediction axis 1: context positions 0-0, "
         "skipped 1, targets 2-2; 12 candidates per prediction (chance 2.485)")
     assert "prediction axis 2: context positions 0-2, skipped 3, targets 4-6" in branch.description((144, 144, 128))
+
+
+@pytest.mark.parametrize("strides, stage", [
+    ([1, 2, 2, 2, 2, 2], 3),  # nnU-Net's default 6-stage 3d plan: stride 8 at stage 3 (paper: 1/8 resolution)
+    ([1, 2, 2, 2], 3),  # shallower encoder reaching stride 8 at its deepest stage
+    ([1, 2, 2], 2),  # shallower still: its deepest stage
+    ([[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], 3),  # anisotropic: (2, 8, 8), stage 3
+    ([[2, 2], [2, 2], [2, 2], [2, 2]], 2),  # downsampling stem: stride 8 at stage 2
+    ([[16, 16], [2, 2]], 0),  # nothing at or below 8: the first stage
+])
+def test_cpc_pools_the_deepest_stage_at_stride_8(strides, stage):
+    ndim = 3 if isinstance(strides[0], int) or len(strides[0]) == 3 else 2
+    per_stage = [[s] * ndim if isinstance(s, int) else s for s in strides]
+    assert stage_at_stride(per_stage, 8) == stage
+
+
+@pytest.mark.parametrize("unet", [PlainConvUNet, ResidualEncoderUNet])
+def test_encode_to_stage_is_the_encoders_own_skip(unet):
+    torch.manual_seed(0)
+    encoder = unet(IN_CHANNELS, 5, [8, 16, 32, 32, 32], nn.Conv3d, 3, [1, 2, 2, 2, 2], 1, NUM_TARGETS, 1, True,
+                   GroupNorm, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True}).encoder
+    x = torch.randn(2, IN_CHANNELS, 32, 32, 32)
+    skips = encoder(x)
+    for stage in (0, 2, 4, -1):
+        assert torch.equal(encode_to_stage(encoder, x, stage), skips[stage]), stage
+
+
+@pytest.mark.parametrize("norm_op", [None, GroupNorm])
+def test_cpc_trains_a_six_stage_encoder_without_reaching_its_one_voxel_stages(norm_op):
+    """nnU-Net's default depth (total stride 32): a 32^3 sub-patch is one voxel at the bottleneck, where
+    training-mode InstanceNorm raises; CPC stops at stage 3 (4^3 voxels per sub-patch)."""
+    torch.manual_seed(0)
+    encoder = PlainConvUNet(IN_CHANNELS, 6, [4, 8, 8, 16, 16, 16], nn.Conv3d, 3, [1, 2, 2, 2, 2, 2], 1, NUM_TARGETS,
+                            1, True, norm_op or nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None,
+                            nn.LeakyReLU, {"inplace": True}).encoder
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the InstanceNorm warning is tested above
+        branch = CPCBranch.from_encoder(encoder, (64, 64, 64), IN_CHANNELS, NUM_TARGETS)
+    assert branch.stage == 3 and branch.context[-1].out_channels == 16
+    loss = branch(structured_input((64, 64, 64)), None, None, encoder.train())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None for p in encoder.stages[4:].parameters())  # the deeper stages never ran
+    assert all(p.grad is not None for p in encoder.stages[:4].parameters())
 
 
 def test_cpc_chunked_checkpointing_matches_single_call():

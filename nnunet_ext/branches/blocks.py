@@ -76,6 +76,39 @@ class EncoderSpec:
         return shapes
 
 
+def stage_at_stride(strides: Sequence[Sequence[int]], stride: int) -> int:
+    """The deepest encoder stage whose cumulative stride is at most ``stride`` along every axis (stage 0 when even
+    the first stage downsamples more), for ``strides`` per stage as planned (e.g. 1,2,2,2,2,2 and stride 8 -> 3)."""
+    cumulative = [1] * len(strides[0])
+    chosen = 0
+    for index, stage_strides in enumerate(strides):
+        cumulative = [c * int(s) for c, s in zip(cumulative, stage_strides, strict=True)]
+        if max(cumulative) > stride:
+            break
+        chosen = index
+    return chosen
+
+
+def encode_to_stage(encoder: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+    """The output of encoder stage ``stage`` for input ``x``, running the stem and the stages up to it only.
+
+    dynamic_network_architectures' PlainConvEncoder and ResidualEncoder compute ``stem`` (if any, residual
+    encoders only) and then ``stages`` in order, returning every stage's output as the skips; stopping at
+    ``stage`` gives ``encoder(x)[stage]`` without the deeper stages' cost. tests/test_branch_shapes.py checks the
+    equality against the installed encoders.
+    """
+    stages = getattr(encoder, "stages", None)
+    if not isinstance(stages, nn.Sequential):
+        raise TypeError(f"{type(encoder).__name__} has no 'stages' (nn.Sequential) to run up to stage {stage}; "
+                        "expected a dynamic_network_architectures PlainConvEncoder or ResidualEncoder")
+    stem = getattr(encoder, "stem", None)
+    if stem is not None:
+        x = stem(x)
+    for block in stages[:stage % len(stages) + 1]:
+        x = block(x)
+    return x
+
+
 def conv1x1(conv_op: type[nn.Module], in_channels: int, out_channels: int) -> nn.Module:
     """1x1(x1) convolution built from ``conv_op``."""
     return conv_op(in_channels, out_channels, kernel_size=1)

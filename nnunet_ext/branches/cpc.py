@@ -12,9 +12,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunet_ext.branches.base import Branch
-from nnunet_ext.branches.blocks import EncoderSpec, ResBlock, conv1x1
+from nnunet_ext.branches.blocks import EncoderSpec, ResBlock, conv1x1, encode_to_stage, stage_at_stride
 
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+# The released code pools the encoder output at 1/8 resolution (a 32-voxel sub-patch -> 4 voxels per axis, 256-d).
+VECTOR_STRIDE = 8
 
 
 MIN_PREDICTION_POSITIONS = 3  # context, at least one skipped position, target
@@ -114,8 +117,10 @@ def info_nce(pred: torch.Tensor, z: torch.Tensor, positive: torch.Tensor) -> tor
 class CPCBranch(Branch):
     """CPC over 32-voxel sub-patches with stride 16, encoded by the segmentation encoder itself.
 
-    Every sub-patch goes through ``encoder``; the output of encoder stage ``stage`` (default: the
-    deepest) is mean-pooled to z (B, D, *grid). Along the prediction axis (:func:`prediction_axis`, g
+    Every sub-patch goes through ``encoder`` up to stage ``stage`` only (default: the deepest stage with
+    cumulative stride at most :data:`VECTOR_STRIDE` = 8 on every axis, the released code's 1/8 resolution, or the
+    deepest stage of a shallower encoder; :func:`~nnunet_ext.branches.blocks.stage_at_stride`), whose output is
+    mean-pooled to z (B, D, *grid). Along the prediction axis (:func:`prediction_axis`, g
     positions) the context network (``n_blocks`` ResBlocks, then Conv1x1 "W") sees only the first h
     positions (:func:`cpc_layout`, h = (g - 1) // 2; all positions of the other axes); its output at
     position k predicts z at position k + g - h. No context sub-patch shares a voxel with a target, so the
@@ -130,9 +135,14 @@ class CPCBranch(Branch):
     needs_skips = False
 
     def __init__(self, spec: EncoderSpec, weight: float = 1.0, size: int = 32, stride: int = 16,
-                 chunk_size: int | None = None, stage: int = -1, n_blocks: int = 8):
+                 chunk_size: int | None = None, stage: int | None = None, n_blocks: int = 8):
         super().__init__(weight)
-        self.size, self.stride, self.chunk_size, self.stage = size, stride, chunk_size, stage
+        if stage is None:
+            stage = stage_at_stride(spec.strides, VECTOR_STRIDE)
+        self.size, self.stride, self.chunk_size = size, stride, chunk_size
+        self.stage = stage % len(spec.channels)
+        self.stage_stride = tuple(math.prod(s[a] for s in spec.strides[:self.stage + 1]) for a in range(spec.ndim))
+        self.n_stages = len(spec.channels)
         channels = spec.channels[stage]
         self.context = nn.Sequential(*(ResBlock(spec.conv_op, channels) for _ in range(n_blocks)),
                                      conv1x1(spec.conv_op, channels, channels))
@@ -147,16 +157,13 @@ class CPCBranch(Branch):
         if spec.norm_op is not None and issubclass(spec.norm_op, _INSTANCE_NORMS):
             warnings.warn(f"CPCBranch on an encoder normalised with {spec.norm_op.__name__}: instance "
                           "normalisation fixes the spatial mean of every sub-patch's features, so the pooled "
-                          "vectors barely differ between sub-patches and InfoNCE stays at chance. Train CPC "
-                          "with the GroupNorm plans (norm_op 'nnunet_ext.branches.blocks.GroupNorm').",
+                          "vectors barely differ between sub-patches and InfoNCE stays at chance. Build the encoder "
+                          "with norm_op 'nnunet_ext.nn.GroupNorm' (CPCSegTrainer does so on any plans).",
                           stacklevel=2)
         return branch
 
     def _pooled(self, encoder: nn.Module, subpatches: torch.Tensor) -> torch.Tensor:
-        features = encoder(subpatches)
-        if not isinstance(features, (list, tuple)):
-            raise TypeError("CPCBranch needs an encoder that returns its skips (return_skips=True)")
-        return features[self.stage].flatten(2).mean(2)
+        return encode_to_stage(encoder, subpatches, self.stage).flatten(2).mean(2)
 
     def encode(self, x: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
         """Mean-pooled encoder features of every sub-patch of ``x``, shape (B, D, *grid)."""
@@ -192,7 +199,9 @@ class CPCBranch(Branch):
         g = grid[axis]
         n_context, offset = self.layout(g)
         skipped = f"{n_context}-{offset - 1}" if offset - 1 > n_context else str(n_context)
-        return (f"sub-patch grid {grid} ({self.size}-voxel sub-patches, stride {self.stride}), prediction axis "
+        return (f"sub-patch vectors pooled from encoder stage {self.stage} of {self.n_stages} (stride "
+                f"{'x'.join(map(str, self.stage_stride))}); "
+                f"sub-patch grid {grid} ({self.size}-voxel sub-patches, stride {self.stride}), prediction axis "
                 f"{axis}: context positions 0-{n_context - 1}, skipped {skipped}, targets {offset}-{g - 1}; "
                 f"{math.prod(grid)} candidates per prediction (chance {math.log(math.prod(grid)):.3f})")
 

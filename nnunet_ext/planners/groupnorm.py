@@ -52,3 +52,49 @@ class nnUNetPlannerCPUGN(GroupNormPlansMixin, nnUNetPlannerCPU):
     """The small CPU planner with GroupNorm -> ``nnUNetCPUGNPlans`` (the demo's plans)."""
 
     default_plans_name = "nnUNetCPUGNPlans"
+
+
+def norm_op_of(plans: dict, configuration: str) -> str | None:
+    """The dotted ``norm_op`` path the plans give ``configuration`` (inherited configurations resolved), or None."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    arch = PlansManager(plans).get_configuration(configuration).network_arch_init_kwargs
+    return arch.get("norm_op")
+
+
+def _is_batch_or_instance_norm(path: str) -> bool:
+    """Whether the dotted path names a batch or instance normalization (which CPC cannot train with)."""
+    import pydoc
+
+    from torch import nn
+
+    cls = pydoc.locate(path)
+    if not isinstance(cls, type):
+        raise ValueError(f"norm_op '{path}' in the plans is not an importable class")
+    if issubclass(cls, nn.GroupNorm):
+        return False
+    if issubclass(cls, (nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm)):
+        return True
+    raise ValueError(f"norm_op '{path}' is neither a GroupNorm nor an instance or batch normalization; CPC "
+                     f"trainers train GroupNorm ('{GROUP_NORM}') in place of instance and batch norms only")
+
+
+def group_norm_plans(plans: dict) -> tuple[dict, dict[str, str]]:
+    """A copy of ``plans`` in which every configuration's instance or batch ``norm_op`` is :data:`GROUP_NORM`, and
+    ``{configuration: replaced norm_op}``.
+
+    Instance normalisation fixes the spatial mean of each sub-patch's features, batch normalisation mixes the
+    statistics of context and target sub-patches: CPC trainers train on the GroupNorm copy of whatever plans they
+    are given (GroupNorm plans and plans without a norm stay as they are; any other norm is refused by name).
+    """
+    import copy
+
+    plans = copy.deepcopy(plans)
+    replaced = {}
+    for name, configuration in plans.get("configurations", {}).items():
+        arch_kwargs = configuration.get("architecture", {}).get("arch_kwargs", {})
+        norm = arch_kwargs.get("norm_op")
+        if norm is not None and _is_batch_or_instance_norm(norm):
+            replaced[name] = norm
+            arch_kwargs["norm_op"] = GROUP_NORM
+    return plans, replaced

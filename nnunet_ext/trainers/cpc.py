@@ -1,6 +1,9 @@
 """CPCSeg: the planned network plus the contrastive predictive coding branch (paper Table S3, eq. 3)."""
 
+import torch
+
 from nnunet_ext.branches.cpc import CPCBranch, default_chunk_size
+from nnunet_ext.planners.groupnorm import GROUP_NORM, group_norm_plans, norm_op_of
 from nnunet_ext.trainers.multitask import MultiTaskTrainer
 from nnunet_ext.trainers.names import TrainerSpec
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
@@ -9,8 +12,13 @@ from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
 class CPCSegTrainer(MultiTaskTrainer):
     """Encoder-decoder regularized by InfoNCE over 32^3 sub-patches encoded by its own encoder.
 
-    Train it on GroupNorm plans (``nnunet-ext plan -pl nnUNetPlannerGN`` / ``nnUNetPlannerCPUGN``):
-    with nnU-Net's InstanceNorm the pooled sub-patch vectors barely differ and InfoNCE stays at chance.
+    On plans with instance or batch normalization (nnU-Net's default planners use InstanceNorm) it trains the
+    same network with GroupNorm (:func:`~nnunet_ext.planners.groupnorm.group_norm_plans`): instance norm fixes
+    the spatial mean of every sub-patch's features, so the pooled vectors barely differ and InfoNCE stays at
+    chance; batch norm mixes the statistics of context and target sub-patches. nnU-Net writes the plans a
+    trainer trains with into its results folder (``plans.json``), which is what ``nnUNetv2_predict``,
+    ``nnUNetv2_ensemble`` and ``nnUNetv2_find_best_configuration`` build from, so prediction builds exactly the
+    trained network. Compare it with other trainers on GroupNorm plans (``nnunet-ext plan -pl nnUNetPlannerGN``).
     """
 
     trainer_spec = TrainerSpec(base="CPCSegTrainer")
@@ -24,6 +32,16 @@ class CPCSegTrainer(MultiTaskTrainer):
     # context network itself (one SGD for all parameters): at 0.01 InfoNCE fell only from 2.09 to 1.85
     # (chance ln 8 = 2.08) in 40 iterations on the demo data.
     branch_kwargs = {"weight": 0.05}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        planned_norm = norm_op_of(plans, configuration)
+        super().__init__(group_norm_plans(plans)[0], configuration, fold, dataset_json, device)
+        if norm_op_of(self.plans_manager.plans, configuration) != planned_norm:
+            self.print_to_log_file(
+                f"{type(self).__name__}: the plans normalise with {planned_norm}; training with {GROUP_NORM} instead "
+                f"(CPC needs per-sample statistics that keep each sub-patch's feature mean), and so does "
+                f"nnUNetv2_predict, which builds the network from this results folder's plans.json")
 
     def branch_arguments(self) -> dict:
         """On CUDA, encode sub-patches in checkpointed chunks sized to the memory nnU-Net planned."""
