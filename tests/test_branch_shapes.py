@@ -111,7 +111,8 @@ def test_cpc_warns_on_instancenorm_encoder_only():
 def test_cpc_description_names_the_prediction_axis_and_positions():
     branch = CPCBranch.from_encoder(build_encoder("plain3d", GroupNorm), (48, 64, 48), IN_CHANNELS, NUM_TARGETS)
     assert branch.description((48, 64, 48)) == (
-        "sub-patch vectors pooled from encoder stage 3 of 4 (stride 8x8x8); sub-patch grid (2, 3, 2) (32-voxel sub-patches, stride 16), prediction axis 1: context positions 0-0, "
+        "sub-patch vectors pooled from encoder stage 3 of 4 (stride 8x8x8); sub-patch grid (2, 3, 2) (32-voxel "
+        "sub-patches, stride 16), prediction axis 1: context positions 0-0, "
         "skipped 1, targets 2-2; 12 candidates per prediction (chance 2.485)")
     assert "prediction axis 2: context positions 0-2, skipped 3, targets 4-6" in branch.description((144, 144, 128))
 
