@@ -73,6 +73,25 @@ def test_seeded_augmenters_give_each_stream_its_worker_seeds():
         module.NonDetMultiThreadedAugmenter = NonDetMultiThreadedAugmenter
 
 
+def seeded(name: str, rank: int):
+    """A trainer of ``name`` as DDP rank ``rank`` sees it (nothing built: seeds only)."""
+    trainer = object.__new__(trainer_class(name))
+    trainer.local_rank = rank
+    return trainer
+
+
+def test_rank_0_keeps_its_seeds_and_no_two_ranks_streams_or_workers_share_one():
+    assert seeded("EncDecTrainer_s3", 0).augmenter_seeds(2, 3) == [3200, 3201, 3202]  # a single-GPU run's
+    assert seeded("EncDecTrainer", 1).augmenter_seeds(0, 2) is None  # unseeded: nnU-Net's own workers
+    # realistic values: 10 repeats on 8 GPUs, three streams of 16 workers each
+    trainers = [seeded(f"EncDecTrainer_s{s}", rank) for s in range(10) for rank in range(8)]
+    workers = [x for t in trainers for stream in range(3) for x in t.augmenter_seeds(stream, 16)]
+    processes = [t.data_seed(t.trainer_spec.seed) for t in trainers]  # each rank's own process (ExtTrainer.__init__)
+    assert len(set(workers)) == len(workers) and len(set(processes)) == len(processes)
+    assert max(workers + processes) < 2 ** 32  # numpy's seed range
+    assert [p for t, p in zip(trainers, processes, strict=True) if t.local_rank == 0] == list(range(10))
+
+
 def losses_of(ds: dict, dataset_folder: str, trainer: str, plans: str, env: dict) -> list[float]:
     """Train fold 0 through the CLI, return the per-epoch training losses, and remove the run again."""
     run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", plans, "-tr", trainer, "-device", "cpu"], env)

@@ -26,6 +26,10 @@ from nnunet_ext.data.budgets import (
 )
 from nnunet_ext.trainers.names import TrainerSpec
 
+# DDP rank r seeds its data with rank 0's seed + r * RANK_SEED_STRIDE (ExtTrainer.data_seed). Rank 0's seeds stay
+# below it (repeat S < 1000: process seed S, worker seeds S * 1000 + stream * 100 + i, i < 100): no two ranks share one
+RANK_SEED_STRIDE = 1_000_000
+
 
 def honour_omp_num_threads(device: torch.device) -> int | None:
     """On CPU, use ``OMP_NUM_THREADS`` torch threads when it is set to a positive integer; return it (else None).
@@ -55,9 +59,7 @@ class ExtTrainer(nnUNetTrainer):
         self.beyond_budget: list[str] = []
         spec = self.trainer_spec
         if spec.seed is not None:  # before the network is built: same weights, same batches, same augmentation
-            random.seed(spec.seed)
-            np.random.seed(spec.seed)
-            torch.manual_seed(spec.seed)
+            self.seed_main_process(spec.seed)
         if spec.epochs is not None:
             self.num_epochs = spec.epochs
         if spec.iters is not None:
@@ -106,6 +108,25 @@ class ExtTrainer(nnUNetTrainer):
             values = [o[key] for o in train_outputs if key in o]
             self.print_to_log_file(f"{key} {np.round(float(np.mean(values)), decimals=4)}")
 
+    def data_seed(self, seed: int) -> int:
+        """``seed`` for this process's DDP rank: unchanged on rank 0 (and without DDP), ``seed + rank *
+        RANK_SEED_STRIDE`` on rank r, so every GPU draws its own crops and augmentation, as stock nnU-Net's
+        (unseeded) ranks do, instead of N copies of one batch."""
+        return seed + self.local_rank * RANK_SEED_STRIDE
+
+    def seed_main_process(self, seed: int) -> None:
+        """Seed Python, NumPy and torch with this rank's :meth:`data_seed` of ``seed``.
+
+        The single-threaded augmenter (``nnUNet_n_proc_DA=0``) crops with NumPy and augments with NumPy and torch
+        in this process, so torch is seeded per rank too. The initial weights need no common torch seed: rank r's
+        differ from rank 0's only until nnU-Net wraps the network in DDP, which broadcasts rank 0's (the mean
+        teacher copies the student after that), so rank 0's seed alone fixes the model.
+        """
+        seed = self.data_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
     @property
     def budget_seed(self) -> int:
         """Seed of the labeled (and unlabeled) ordering: the default for no seed or ``_s0``, another per ``_s<S>``."""
@@ -113,9 +134,10 @@ class ExtTrainer(nnUNetTrainer):
 
     def augmenter_seeds(self, stream: int, processes: int) -> list[int] | None:
         """Seeds of the augmentation workers of one data stream (0 training, 1 validation, 2 unlabeled) for
-        ``_s<S>`` trainers; None (nnU-Net's unseeded workers) otherwise."""
+        ``_s<S>`` trainers, ``S * 1000 + stream * 100 + i`` on rank 0 and per rank (:meth:`data_seed`); None
+        (nnU-Net's unseeded workers) otherwise."""
         seed = self.trainer_spec.seed
-        return None if seed is None else [seed * 1000 + stream * 100 + i for i in range(processes)]
+        return None if seed is None else [self.data_seed(seed * 1000 + stream * 100 + i) for i in range(processes)]
 
     def get_dataloaders(self):
         """nnU-Net's loaders; for ``_s<S>`` trainers their augmentation workers are seeded (stream 0 and 1)."""
