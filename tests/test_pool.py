@@ -4,10 +4,11 @@ imagesUnlabeled case enters it without a duplicate check that knew every such ca
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from nnunet_ext.data.pool import DuplicateCheck, build_pool, load_manifest, record_path
+from nnunet_ext.data.pool import DuplicateCheck, build_pool, load_manifest, raw_test_ids, record_path
 
 KNOWN = frozenset({"a", "b", "v1", "v2", "t1", "t2", "l1", "l2", "zz", "p"})
 
@@ -56,3 +57,35 @@ def test_manifest_is_read_from_the_records(tmp_path):
     with open(record_path(str(tmp_path), "U1"), "w") as f:
         json.dump({"duplicate_of": ["imagesTs/T1"], "checked_against": ["T1", "A"], "channels": []}, f)
     assert load_manifest(str(tmp_path)) == {"U1": DuplicateCheck(("imagesTs/T1",), frozenset({"T1", "A"}))}
+
+
+def test_test_split_is_read_from_the_raw_dataset_and_a_missing_dataset_folder_is_refused(tmp_path):
+    raw = tmp_path / "Dataset001_X"
+    (raw / "imagesTr").mkdir(parents=True)
+    assert raw_test_ids(str(raw), ".nii.gz") == set()  # no imagesTs/labelsTs: an empty test split
+    (raw / "imagesTs").mkdir()
+    (raw / "labelsTs").mkdir()
+    for name in ("imagesTs/T1_0000.nii.gz", "imagesTs/T1_0001.nii.gz", "imagesTs/T2_0000.nii.gz", "labelsTs/T3.nii.gz",
+                 "labelsTs/readme.txt"):
+        (raw / name).touch()
+    assert raw_test_ids(str(raw), ".nii.gz") == {"T1", "T2", "T3"}
+    with pytest.raises(FileNotFoundError, match=r"Dataset002_Y does not exist.*set nnUNet_raw to the folder that "
+                                                r"holds Dataset002_Y"):
+        raw_test_ids(str(tmp_path / "Dataset002_Y"), ".nii.gz")
+
+
+def test_unlabeled_trainers_refuse_to_train_when_the_test_split_cannot_be_read(make_trainer, tiny_dataset,
+                                                                              monkeypatch, tmp_path):
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    trainer = make_trainer("ssVAESegTrainer_3labels")
+    test = {f[:-len(".nii.gz")] for f in os.listdir(os.path.join(tiny_dataset["raw"], "labelsTs"))}
+    assert len(test) == 2 and trainer.test_ids() == test
+    trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
+    monkeypatch.delenv("nnUNet_raw")
+    with pytest.raises(RuntimeError, match=r"nnUNet_raw is not set.*set nnUNet_raw to the folder that holds "
+                                           r"Dataset991_BraTSDemo"):
+        trainer.get_tr_and_val_datasets()
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))  # a raw folder without this dataset
+    with pytest.raises(FileNotFoundError, match="Dataset991_BraTSDemo does not exist"):
+        trainer.get_tr_and_val_datasets()

@@ -189,6 +189,15 @@ def test_self_train_end_to_end_with_leakage_guard(branch_dataset, monkeypatch):
     assert os.path.getmtime(os.path.join(folder, RECORD)) == mtime
 
 
+def test_student_refuses_pseudo_labels_when_the_test_split_cannot_be_read(make_trainer, monkeypatch):
+    student = make_trainer("PseudoLabelTrainer_3labels")
+    monkeypatch.delenv("nnUNet_raw")
+    with pytest.raises(RuntimeError, match="nnUNet_raw is not set"):
+        student.unlabeled_pool()  # what self-train asks before the teacher predicts
+    with pytest.raises(RuntimeError, match="nnUNet_raw is not set"):
+        student.get_tr_and_val_datasets()  # what training asks before it reads the pseudo labels
+
+
 @pytest.mark.slow
 def test_student_without_pseudo_labels_says_how_to_make_them(branch_dataset):
     ds = branch_dataset

@@ -61,11 +61,14 @@ class UnlabeledPool:
         return ", ".join(f"{n} {s}" for s, n in counts.items()) or "empty"
 
 
-def raw_test_ids(raw_dataset_folder: str | None, file_ending: str) -> set[str]:
-    """Case ids of the dataset's labeled held-out test split (raw imagesTs / labelsTs)."""
+def raw_test_ids(raw_dataset_folder: str, file_ending: str) -> set[str]:
+    """Case ids of the dataset's labeled held-out test split (raw imagesTs / labelsTs; empty when it has neither);
+    raise FileNotFoundError when the raw dataset folder does not exist."""
+    if not os.path.isdir(raw_dataset_folder):
+        raise FileNotFoundError(f"raw dataset folder {raw_dataset_folder} does not exist, so its test split "
+                                f"(imagesTs, labelsTs) cannot be kept out of unlabeled and pseudo-labeled images; "
+                                f"set nnUNet_raw to the folder that holds {os.path.basename(raw_dataset_folder)}.")
     ids: set[str] = set()
-    if raw_dataset_folder is None:
-        return ids
     for split, suffix_len in (("labelsTs", len(file_ending)), ("imagesTs", len("_0000") + len(file_ending))):
         folder = os.path.join(raw_dataset_folder, split)
         if os.path.isdir(folder):

@@ -66,9 +66,15 @@ class UnlabeledPoolMixin:
         return pool, selected, folder, folder_class
 
     def test_ids(self) -> set[str]:
-        """Case ids of the dataset's labeled test split (raw imagesTs/labelsTs; never trained on)."""
-        raw = os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
-        return raw_test_ids(raw, self.dataset_json["file_ending"])
+        """Case ids of the dataset's labeled test split (raw imagesTs/labelsTs; never trained on); raise when the
+        raw dataset cannot be read, rather than train on unlabeled or pseudo-labeled images without the guard."""
+        if not nnUNet_raw.is_set():
+            raise RuntimeError(f"{type(self).__name__}: nnUNet_raw is not set, so the test split (imagesTs, labelsTs) "
+                               f"of {self.plans_manager.dataset_name} cannot be read and kept out of the unlabeled and "
+                               f"pseudo-labeled images; set nnUNet_raw to the folder that holds "
+                               f"{self.plans_manager.dataset_name} (export nnUNet_raw=/path/to/nnUNet_raw).")
+        return raw_test_ids(os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name),
+                            self.dataset_json["file_ending"])
 
     def unlabeled_record(self) -> dict:
         """Extra entries of ``unlabeled_cases.json``; none here."""
