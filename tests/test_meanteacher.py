@@ -164,6 +164,33 @@ def test_step_trains_the_student_moves_the_teacher_and_checkpoint_resumes_both(m
         make_trainer(MT).load_checkpoint(str(tmp_path / "plain.pth"))
 
 
+def test_a_step_the_grad_scaler_skips_moves_neither_the_student_nor_the_teacher(make_trainer):
+    """AMP's GradScaler (as nnU-Net uses on GPU; here on CPU) skips the optimizer step when a gradient is inf:
+    the teacher must skip its EMA update and the step count too."""
+    trainer = make_trainer(MT)
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    with torch.no_grad():
+        for p in trainer.teacher.parameters():
+            p.add_(0.01)  # a teacher that differs from the student, so any EMA update shows
+    student = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    weight = next(trainer.student.parameters())
+    hook = weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    trainer.train_step(next(trainer.dataloader_train))
+    hook.remove()
+    assert trainer.grad_scaler.get_scale() == 2.0 ** 3  # the scaler found the inf, skipped the step, backed off
+    assert all(torch.equal(v, student[k]) for k, v in trainer.student.state_dict().items())
+    assert all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items())
+    assert trainer.mean_teacher_step == 0
+
+    trainer.train_step(next(trainer.dataloader_train))  # a step taken: the teacher's first update (decay 0)
+    assert trainer.grad_scaler.get_scale() == 2.0 ** 3 and trainer.mean_teacher_step == 1  # no inf: no back-off
+    assert not torch.equal(weight, student[next(iter(student))])
+    assert all(torch.equal(v, trainer.student.state_dict()[k]) for k, v in trainer.teacher.state_dict().items())
+
+
 @pytest.mark.slow
 def test_mean_teacher_trains_and_predicts_through_the_real_commands(tiny_dataset, tmp_path):
     ds = tiny_dataset

@@ -18,7 +18,8 @@ region datasets, softmax otherwise) on the same crops under different perturbati
 The perturbation is per-sample intensity (multiply by ``1 + U(-s, s)``, add ``N(0, σ²)`` noise): nothing
 spatial, so both predictions stay on the same voxels. The consistency weight ramps up with
 ``exp(-5 (1 - t)²)`` over the first ``rampup_fraction`` of training; the EMA decay is
-``min(1 - 1 / (step + 1), ema_decay)`` (the paper's ramp).
+``min(1 - 1 / (step + 1), ema_decay)`` (the paper's ramp). Both count the optimizer steps taken: a step that
+AMP's GradScaler skips (inf/NaN gradients) moves neither the student nor the teacher.
 
 Checkpoints: ``network_weights`` are the **student's**, as for every nnU-Net trainer (so ``nnUNetv2_predict``
 and the final validation use the student, and the checkpoint loads strictly into the stock network);
@@ -181,8 +182,9 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
             p.requires_grad_(False)
         self.teacher.decoder.deep_supervision = False  # the consistency uses the full-resolution output only
         self.loss = ConsistencyLoss(self.loss, self.label_manager.has_regions)
-        self.mean_teacher_step = 0  # optimizer steps so far (restored by --c)
-        self.perturbation = torch.Generator().manual_seed(self.budget_seed + 7)
+        self.mean_teacher_step = 0  # optimizer steps taken so far, i.e. teacher updates (restored by --c)
+        self.optimizer.register_step_post_hook(lambda *_: self.follow_student())
+        self.perturbation = torch.Generator().manual_seed(self.data_seed(self.budget_seed + 7))  # its own per rank
         patch = self.configuration_manager.patch_size
         self.unlabeled_crop, self.unlabeled_crops = plan_unlabeled_crops(patch, student.encoder, self.batch_size,
                                                                          self.unlabeled_voxel_fraction)
@@ -235,16 +237,26 @@ class MeanTeacherTrainer(SemiSupervisedMixin, ExtTrainer):
         (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
         return loss.detach()
 
+    def follow_student(self) -> None:
+        """The teacher's EMA update after an optimizer step of the student; counts the step.
+
+        Called by the optimizer's step post-hook, so a step that AMP's GradScaler skips (inf/NaN gradients: it
+        does not call ``optimizer.step()``) leaves the teacher and the count alone, as it leaves the student and
+        the optimizer's state: the count is the teacher's (it ramps the EMA decay as an average over the
+        student's states, like an optimizer's own step count), not the iteration's.
+        """
+        ema_update(self.teacher, self.student, ema_decay_at(self.mean_teacher_step, self.ema_decay))
+        self.mean_teacher_step += 1
+
     def train_step(self, batch: dict) -> dict:
         """One step: the teacher's prediction of the labeled crops is handed to the loss, the ss step runs (the
-        unlabeled consistency pass, then nnU-Net's labeled step), then the teacher follows the student."""
+        unlabeled consistency pass, then nnU-Net's labeled step), and the teacher follows the student if the
+        optimizer stepped (:meth:`follow_student`)."""
         self.loss.pending = (self.teacher_logits(batch["data"]), self.consistency_weight_now())
         try:
             result = super().train_step(batch)
         finally:
             self.loss.pending = None
-        ema_update(self.teacher, self.student, ema_decay_at(self.mean_teacher_step, self.ema_decay))
-        self.mean_teacher_step += 1
         result.update({k: v.cpu().numpy() for k, v in self.loss.last.items()})
         result["consistency_weight"] = np.float32(self.consistency_weight_now())
         return result
