@@ -12,7 +12,8 @@ result folder. Suffixes must appear in the order above, each at most once.
 - ``_noMirroring``: no mirroring, neither as augmentation nor at test time (nnU-Net's
   ``nnUNetTrainerNoMirroring`` behaviour); makes CPU validation and prediction 8x cheaper in 3D.
 - ``_s<S>``: repeat S (S >= 0): seeds Python, NumPy and torch (and the augmentation workers) with S and
-  takes the S-th labeled (and unlabeled) subset; ``_s0`` has the same subsets as no suffix.
+  takes the S-th labeled (and unlabeled) subset; ``_s0`` has the same subsets as no suffix. Under DDP, rank r
+  adds r * 10**6 to every data seed (so GPUs draw different crops; rank 0 keeps the single-GPU seeds).
 """
 
 from __future__ import annotations
