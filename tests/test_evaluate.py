@@ -179,8 +179,9 @@ def test_truncated_prediction_or_reference_is_refused(folders):
         evaluate.evaluate_folder(gt, pred, dataset_json)
 
 
-@pytest.mark.parametrize("value, dtype", [(5, np.uint8), (7, np.uint8), (-3, np.int8), (1.4, np.float32)])
-def test_label_values_outside_dataset_json_are_refused(folders, value, dtype):
+@pytest.mark.parametrize("value, dtype, shown", [(5, np.uint8, "5"), (7, np.uint8, "7"), (-3, np.int8, "-3"),
+                                                 (1.4, np.float32, "1.4"), (3 - 2e-7, np.float32, "2.9999998")])
+def test_label_values_outside_dataset_json_are_refused(folders, value, dtype, shown):
     gt, pred, dataset_json = folders
     for folder in (pred, gt):
         labels = _tumour().astype(dtype)
@@ -189,8 +190,9 @@ def test_label_values_outside_dataset_json_are_refused(folders, value, dtype):
         image.SetSpacing(SITK_SPACING)
         original = (folder / "case_b.nii.gz").read_bytes()
         sitk.WriteImage(image, str(folder / "case_b.nii.gz"))
-        with pytest.raises(ValueError, match=rf"{folder.name}/case_b.nii.gz: label values \[{value}\] are not labels "
-                                             rf"of dataset.json \(\[0, 1, 2, 3\]\)"):
+        dtype_name = np.dtype(dtype).name
+        with pytest.raises(ValueError, match=rf"{folder.name}/case_b.nii.gz: label values \[{shown}\] \({dtype_name}\) "
+                                             rf"are not labels of dataset.json \(\[0, 1, 2, 3\]\)"):
             evaluate.evaluate_folder(gt, pred, dataset_json)
         (folder / "case_b.nii.gz").write_bytes(original)
 
@@ -207,6 +209,30 @@ def test_prediction_on_another_voxel_grid_is_refused(folders, change, field):
     sitk.WriteImage(image, str(pred / "case_a.nii.gz"))
     with pytest.raises(ValueError, match=f"pred/case_a.nii.gz: {field} .* of the reference .*gt/case_a.nii.gz"):
         evaluate.evaluate_folder(gt, pred, dataset_json)
+
+
+def test_output_that_would_collide_or_overwrite_is_refused(folders, tmp_path):
+    gt, pred, dataset_json = folders
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"-o .*same.csv: .*-o must end in .json \(e.g. -o .*same.json\)"):
+        evaluate.evaluate_folder(gt, pred, dataset_json, out / "same.csv", overwrite=False)
+    with pytest.raises(ValueError, match="is the -djfile"):
+        evaluate.evaluate_folder(gt, pred, dataset_json, dataset_json)
+    assert not out.exists()
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    cli = [str(gt), str(pred), "-djfile", str(dataset_json), "-np", "1", "-o", str(out / "summary.json")]
+    assert evaluate.run(parser.parse_args(cli)) == 0
+    written = {p: p.read_bytes() for p in (out / "summary.json", out / "summary.csv")}
+    for existing in ((out / "summary.json", out / "summary.csv"), (out / "summary.csv",)):
+        (out / "summary.json").unlink()
+        for p in existing:
+            p.write_bytes(written[p])
+        with pytest.raises(FileExistsError, match=f"{existing[-1]} already exist.*--overwrite"):
+            evaluate.run(parser.parse_args(cli))
+    assert (out / "summary.csv").read_bytes() == written[out / "summary.csv"]  # kept
+    assert evaluate.run(parser.parse_args([*cli, "--overwrite"])) == 0
+    assert (out / "summary.json").is_file()
 
 
 def test_dataset_json_without_file_ending_or_labels_is_refused(folders, tmp_path):

@@ -13,8 +13,9 @@ Checks before scoring (each failure is an error naming the file): files are comp
 and reference lie on the same voxel grid (size, spacing, origin, direction within the tolerances of
 :class:`nnunet_ext.images.Geometry`).
 
-Outputs: a JSON summary (default ``PRED_FOLDER/summary_{policy}.json``) and a per-case CSV beside it
-(same path with ``.csv``; one row per case and region: case, region, dice, hd95_mm, n_ref, n_pred).
+Outputs: a JSON summary (default ``PRED_FOLDER/summary_{policy}.json``; ``-o`` must end in .json) and a
+per-case CSV beside it (same path with ``.csv``; one row per case and region: case, region, dice, hd95_mm,
+n_ref, n_pred). The command never replaces either file without ``--overwrite``.
 """
 
 import argparse
@@ -68,13 +69,21 @@ def read_label_map(path: Path, label_values: set[int]) -> tuple[np.ndarray, Geom
     damaged or holds values other than ``label_values``."""
     image = read_image(path)
     array = sitk.GetArrayFromImage(image)
-    values = np.unique(array)
-    unknown = [v for v in values.tolist() if v != round(v) or round(v) not in label_values]
+    unknown = [v for v in np.unique(array) if v != round(float(v)) or round(float(v)) not in label_values]
     if unknown:
-        shown = ", ".join(f"{v:g}" for v in unknown[:10])
-        raise ValueError(f"{path}: label values [{shown}] are not labels of dataset.json "
-                         f"({sorted(label_values)}); fix the file or the dataset.json labels.")
+        shown = ", ".join(exact_value(v) for v in unknown[:10])
+        fractional = " (label maps hold integers: round the prediction)" if any(v != round(float(v))
+                                                                             for v in unknown) else ""
+        raise ValueError(f"{path}: label values [{shown}] ({array.dtype}) are not labels of dataset.json "
+                         f"({sorted(label_values)}){fractional}; fix the file or the dataset.json labels.")
     return array, Geometry.of(image)
+
+
+def exact_value(value: np.generic) -> str:
+    """A voxel value written exactly as its type holds it: 3 for an integral value, 2.9999998 for float32 3 - 2e-7."""
+    if value == round(float(value)):
+        return str(int(value))
+    return np.format_float_positional(value, unique=True, trim="-")
 
 
 def label_values(regions: dict[str, tuple[int, ...]], ignore_label: int | None) -> set[int]:
@@ -240,6 +249,24 @@ def load_dataset_json(dataset_json: str | Path | dict) -> dict:
     return content
 
 
+def output_paths(output_json: str | Path | None, pred_folder: Path, policy: str,
+                 dataset_json: str | Path | dict, overwrite: bool) -> tuple[Path, Path]:
+    """(summary JSON, per-case CSV) paths; raise when ``-o`` does not end in .json (its CSV sibling would be the
+    summary itself), names the dataset.json, or, unless ``overwrite``, when either file exists."""
+    summary = Path(output_json) if output_json is not None else pred_folder / f"summary_{policy}.json"
+    if summary.suffix != ".json":
+        raise ValueError(f"-o {summary}: the summary is JSON and the per-case CSV is written beside it with .csv, "
+                         f"so -o must end in .json (e.g. -o {summary.with_suffix('.json')}).")
+    if not isinstance(dataset_json, dict) and summary.resolve() == Path(dataset_json).resolve():
+        raise ValueError(f"-o {summary} is the -djfile; choose another path for the summary.")
+    per_case = summary.with_suffix(".csv")
+    existing = [str(p) for p in (summary, per_case) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{' and '.join(existing)} already exist: pass --overwrite to replace "
+                              f"{'them' if len(existing) > 1 else 'it'}, or choose another -o.")
+    return summary, per_case
+
+
 def evaluate_folder(
     gt_folder: str | Path,
     pred_folder: str | Path,
@@ -248,14 +275,18 @@ def evaluate_folder(
     policy: str = "brats",
     num_processes: int = 1,
     chill: bool = False,
+    overwrite: bool = True,
 ) -> dict:
     """Evaluate all predictions in ``pred_folder``; write JSON summary and per-case CSV; return the summary.
 
-    ``output_json`` defaults to ``pred_folder/summary_{policy}.json``; the CSV goes to the same path with
-    ``.csv``. The returned dict is the JSON content, except that NaN stays NaN (the file has null).
+    ``output_json`` defaults to ``pred_folder/summary_{policy}.json`` and must end in .json; the CSV goes to
+    the same path with ``.csv`` (:func:`output_paths`). Existing files are replaced only with ``overwrite``
+    (the default here, where the caller owns the folder; ``nnunet-ext evaluate`` needs ``--overwrite``). The
+    returned dict is the JSON content, except that NaN stays NaN (the file has null).
     """
     check_policy(policy)
     gt_folder, pred_folder = Path(gt_folder), Path(pred_folder)
+    output_json, output_csv = output_paths(output_json, pred_folder, policy, dataset_json, overwrite)
     dataset = load_dataset_json(dataset_json)
     file_ending = dataset["file_ending"]
     regions = regions_from_dataset_json(dataset)
@@ -270,8 +301,6 @@ def evaluate_folder(
             per_case = pool.starmap(evaluate_case, jobs)
     else:
         per_case = [evaluate_case(*job) for job in jobs]
-    output_json = Path(output_json) if output_json is not None else pred_folder / f"summary_{policy}.json"
-    output_csv = output_json.with_suffix(".csv")
     result = {
         "conventions": {
             "empty_policy": policy,
@@ -318,7 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o",
         default=None,
-        help="output JSON; the per-case CSV goes to the same path with .csv. "
+        help="output JSON (must end in .json); the per-case CSV goes to the same path with .csv. "
         "Default: PRED_FOLDER/summary_{policy}.json",
     )
     parser.add_argument(
@@ -338,6 +367,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ". Default: brats",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing summary JSON and per-case CSV (refused by default)",
+    )
+    parser.add_argument(
         "--chill",
         action="store_true",
         help="do not fail if some reference cases have no prediction",
@@ -347,7 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``nnunet-ext evaluate``: evaluate the folder, print the summary table, return 0."""
     result = evaluate_folder(
-        args.gt_folder, args.pred_folder, args.djfile, args.o, args.empty_policy, args.np, args.chill
+        args.gt_folder, args.pred_folder, args.djfile, args.o, args.empty_policy, args.np, args.chill,
+        args.overwrite,
     )
     print(format_summary(result))
     print(
