@@ -62,3 +62,33 @@ def test_plans_with_the_old_path_train_and_predict(tiny_dataset, tmp_path):
                                  configuration.network_arch_init_kwargs_req_import, 4, 3, allow_init=False)
     net.load_state_dict(checkpoint["network_weights"], strict=True)
     assert any(type(m) is GroupNorm for m in net.modules())  # it trained a GroupNorm network
+
+
+def plans_with(norms: dict[str, str | None]) -> dict:
+    """Plans whose configurations name the given norm_op (None: no norm), plus one inheriting configuration."""
+    configurations = {name: {"architecture": {"arch_kwargs": {"norm_op": norm}}} for name, norm in norms.items()}
+    configurations["3d_cascade_fullres"] = {"inherits_from": "3d_fullres"}
+    return {"plans_name": "P", "configurations": configurations}
+
+
+def test_cpc_trainers_get_the_group_norm_copy_of_instance_and_batch_norm_plans():
+    from nnunet_ext.planners.groupnorm import group_norm_plans, norm_op_of
+
+    plans = plans_with({"3d_fullres": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                        "2d": "torch.nn.modules.batchnorm.BatchNorm2d", "3d_lowres": None,
+                        "3d_gn": OLD_PATH})
+    copy, replaced = group_norm_plans(plans)
+    assert replaced == {"3d_fullres": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                        "2d": "torch.nn.modules.batchnorm.BatchNorm2d"}
+    assert [norm_op_of(copy, c) for c in ("3d_fullres", "2d", "3d_lowres", "3d_gn", "3d_cascade_fullres")] == \
+        [GROUP_NORM, GROUP_NORM, None, OLD_PATH, GROUP_NORM]
+    assert norm_op_of(plans, "3d_fullres").endswith("InstanceNorm3d")  # the given plans are not changed
+
+
+@pytest.mark.parametrize("norm, message", [("torch.nn.LayerNorm", "neither a GroupNorm nor an instance or batch"),
+                                           ("no.such.Norm", "not an importable class")])
+def test_an_unknown_norm_is_refused_by_name(norm, message):
+    from nnunet_ext.planners.groupnorm import group_norm_plans
+
+    with pytest.raises(ValueError, match=rf"'{norm}'.*{message}"):
+        group_norm_plans(plans_with({"3d_fullres": norm}))
