@@ -7,8 +7,10 @@ are echoed.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 # lines of nnU-Net's output worth echoing while a step runs
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Label budget",
                     "Unlabeled pool", "Error", "Traceback")
+# an exception as Python prints it last in a traceback, e.g. "ValueError: ..." or "torch.OutOfMemoryError: ..."
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b(: |$)")
 
 
 def log(message: str, prefix: str = "nnunet-ext") -> None:
@@ -46,18 +50,29 @@ def local_environment(root: str) -> dict[str, str]:
     return env
 
 
+def failure_cause(lines: Sequence[str]) -> str | None:
+    """The last exception line of a command's output (e.g. ``ValueError: Label budget 999 exceeds ...``), or None."""
+    causes = [line.strip() for line in lines if ERROR_LINE.match(line)]
+    return causes[-1] if causes else None
+
+
 def run_command(cmd: list[str], env: dict[str, str], log_path: str, echo: bool = True) -> None:
-    """Run a command, keep its full output in ``log_path`` and echo progress lines; fail loudly."""
+    """Run a command, keep its full output in ``log_path`` and echo progress lines; fail loudly, with the
+    exception that ended the command first in the error when its output names one."""
     log("$ " + " ".join(cmd))
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    last = collections.deque(maxlen=200)
     with open(log_path, "a", buffering=1) as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log_file.write(line)
+            last.append(line)
             if echo and any(m in line for m in PROGRESS_MARKERS):
                 print("    " + line.rstrip()[:160], flush=True)
         if proc.wait() != 0:
-            raise RuntimeError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}; see {log_path}")
+            failed = f"command failed (exit {proc.returncode}): {' '.join(cmd)}; see {log_path}"
+            cause = failure_cause(last)
+            raise RuntimeError(f"{cause} ({failed})" if cause else failed)
 
 
 @dataclass

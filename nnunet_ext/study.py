@@ -12,9 +12,10 @@ fold's unlabeled pool, then the student. Writes into
 ``--unlabeled``), ``study_status.json``, ``logs/`` and ``predictions/<trainer>/folds_<F>/``. The tables name
 the plans and norm each cell trained with (its result folder's ``plans.json``).
 
-The study compares like with like: CPC trainers train the GroupNorm copy of instance- or batch-norm plans, so a
-grid that mixes them with other trainers on such plans is refused before anything trains, with the GroupNorm
-plans to make and use instead.
+Label budgets larger than the training cases of a study fold (nnU-Net's ``splits_final.json``, or the 5-fold
+split it would make) are refused before anything trains. The study compares like with like: CPC trainers train
+the GroupNorm copy of instance- or batch-norm plans, so a grid that mixes them with other trainers on such plans
+is refused before anything trains, with the GroupNorm plans to make and use instead.
 
 Resumable: trained folds are skipped, an interrupted training resumes (``--c``), a cell whose
 evaluation summary exists is not predicted again. Before predicting, every test image is checked
@@ -22,7 +23,8 @@ evaluation summary exists is not predicted again. Before predicting, every test 
 is readable, complete, on its input image's voxel grid, holds only dataset.json labels and is newer than
 its input images and the checkpoints; any other is moved to ``rejected/`` in the prediction folder and
 predicted again. A failing cell is logged (with its log file),
-recorded as failed in ``study_status.json``, and the grid goes on; the exit code is 1 if any cell
+recorded as failed in ``study_status.json`` with its cause (the exception that ended its command), which the
+console repeats at the end, and the grid goes on; the exit code is 1 if any cell
 failed. ``--dispatch print`` prints the remaining commands (train per fold, predict, evaluate) one per
 line for any scheduler; ``--dispatch submitit`` submits the remaining training folds as SLURM jobs
 (rerun with ``--dispatch local`` afterwards to predict, evaluate and report).
@@ -301,7 +303,7 @@ def run_local(study: Study, cells: Sequence[Cell], baseline: str = DEFAULTS["bas
         entry = run_cell(study, cell, progress)
         update_status(status_path, cell, study.folds, entry)
         if entry["state"] == "failed":
-            failed.append(cell.trainer)
+            failed.append(f"{cell.trainer}: {entry['error']}")
         if not already:
             worked.append(time.time() - start)
             remaining = sum(not study.is_evaluated(c) for c in cells[index:])
@@ -313,7 +315,8 @@ def run_local(study: Study, cells: Sequence[Cell], baseline: str = DEFAULTS["bas
         print("\n" + markdown_table(cases) + "\n", flush=True)
         log("wrote " + ", ".join(paths.values()), "study")
     if failed:
-        log(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)} (details in {status_path})", "study")
+        log(f"{len(failed)} of {len(cells)} cells failed (details in {status_path}):\n  " + "\n  ".join(failed),
+            "study")
         return 1
     log(f"all {len(cells)} cells done", "study")
     return 0
@@ -505,6 +508,36 @@ def check_dataset(study: Study) -> None:
                          f"first (nnunet-ext plan / nnUNetv2_plan_and_preprocess)")
 
 
+def fold_training_sizes(study: Study) -> dict[int, int]:
+    """Training cases of each study fold as nnU-Net splits them: its ``splits_final.json`` when written, else its
+    seeded 5-fold split of dataset.json's ``numTraining`` cases; a fold beyond the splits gets nnU-Net's 80:20."""
+    e = study.experiment
+    splits_file = os.path.join(e.env["nnUNet_preprocessed"], e.dataset_name, "splits_final.json")
+    if os.path.isfile(splits_file):
+        with open(splits_file) as f:
+            splits = json.load(f)
+        sizes, total = [len(s["train"]) for s in splits], len(splits[0]["train"]) + len(splits[0]["val"])
+    else:
+        with open(os.path.join(study.raw, "dataset.json")) as f:
+            total = int(json.load(f)["numTraining"])
+        if total < 5:
+            raise ValueError(f"{study.raw}: {total} training cases (dataset.json numTraining), but nnU-Net's 5-fold "
+                             f"cross-validation needs at least 5; add labeled cases to imagesTr.")
+        sizes = [total - total // 5 - (fold < total % 5) for fold in range(5)]  # KFold: first folds validate 1 more
+    return {fold: sizes[fold] if fold < len(sizes) else int(total * 0.8) for fold in study.folds}
+
+
+def check_budgets(cells: Sequence[Cell], study: Study) -> None:
+    """Raise ValueError when a label budget exceeds the training cases of one of the study's folds."""
+    sizes = fold_training_sizes(study)
+    smallest = min(sizes, key=sizes.get)
+    too_large = sorted({c.labels for c in cells if c.labels > sizes[smallest]})
+    if too_large:
+        raise ValueError(f"--labels {' '.join(map(str, too_large))}: fold {smallest} has only {sizes[smallest]} "
+                         f"training cases (folds {' '.join(map(str, sizes))}: {' '.join(map(str, sizes.values()))}); "
+                         f"choose budgets <= {sizes[smallest]}")
+
+
 def trains_group_norm_copy(model: str) -> bool:
     """Whether a model's trainers train the GroupNorm copy of instance- or batch-norm plans (the CPC trainers)."""
     return BASES[trainer_base(model)][0] == CPC_MODULE
@@ -573,7 +606,8 @@ def run(args: argparse.Namespace) -> int:
         # with --dispatch print, stdout carries only the commands
         with contextlib.redirect_stdout(sys.stderr) if args.dispatch == "print" else contextlib.nullcontext():
             study = make_study(args)
-        check_same_norm(cells, study.experiment)  # before anything trains
+        check_budgets(cells, study)  # before anything trains
+        check_same_norm(cells, study.experiment)
     except (ImportError, RuntimeError) as error:  # submitit missing; cpu-smoke data preparation failed (its log)
         raise SystemExit(f"nnunet-ext study: {error}") from error
     if args.dispatch == "print":

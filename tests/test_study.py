@@ -62,7 +62,7 @@ def fake_nnunet(tmp_path, monkeypatch):
         (raw / sub).mkdir(parents=True)
     (raw / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "FLAIR"}, "labels": REGION_LABELS, "regions_class_order": [1, 2, 3],
-        "numTraining": 4, "file_ending": ".nii.gz"}))
+        "numTraining": 10, "file_ending": ".nii.gz"}))
     for case in range(2):
         label = np.zeros((6, 6, 6), np.uint8)
         label[1:4, 1:4, 1:4] = 1
@@ -175,6 +175,31 @@ def test_cli_errors_name_the_argument(fake_nnunet, monkeypatch, capsys):
     monkeypatch.delenv("nnUNet_results")
     assert "set nnUNet_results" in user_error(capsys, "--trainers", "EncDec", "--labels", "3")
     assert fake_nnunet.calls == []
+
+
+def test_budgets_beyond_a_fold_are_refused_before_anything_trains(fake_nnunet, capsys):
+    # 10 training cases: nnU-Net's seeded 5-fold split trains on 8 in every fold
+    assert ("--labels 9 999: fold 0 has only 8 training cases (folds 0 1: 8 8); choose budgets <= 8" in
+            user_error(capsys, "--trainers", "EncDec", "--labels", "3", "9", "999", "--folds", "0", "1"))
+    splits = [{"train": [f"C{i}" for i in range(8 - fold)], "val": ["V"]} for fold in range(5)]
+    (fake_nnunet.preprocessed / "splits_final.json").write_text(json.dumps(splits))  # nnU-Net's own file decides
+    assert ("--labels 6: fold 3 has only 5 training cases (folds 0 3 7: 8 5 7)" in
+            user_error(capsys, "--trainers", "EncDec", "--labels", "6", "--folds", "0", "3", "7"))  # 7: 80:20 of 9
+    (fake_nnunet.preprocessed / "splits_final.json").unlink()
+    (fake_nnunet.raw / "dataset.json").write_text(json.dumps({**json.loads((fake_nnunet.raw / "dataset.json")
+                                                                           .read_text()), "numTraining": 4}))
+    assert "4 training cases (dataset.json numTraining), but nnU-Net's 5-fold cross-validation needs at least 5" in \
+        user_error(capsys, "--trainers", "EncDec", "--labels", "1")
+    assert fake_nnunet.calls == []
+
+
+def test_a_failed_command_names_the_exception_that_ended_it(tmp_path):
+    script = "print('Epoch 1'); raise ValueError('Label budget 999 exceeds the 8 training cases of this fold')"
+    with pytest.raises(RuntimeError, match=r"^ValueError: Label budget 999 exceeds the 8 training cases of this fold "
+                                           r"\(command failed \(exit 1\): .*; see .*train.log\)$"):
+        pipeline.run_command([sys.executable, "-c", script], dict(os.environ), str(tmp_path / "train.log"))
+    with pytest.raises(RuntimeError, match=r"^command failed \(exit 3\): "):  # nothing to name: the log says more
+        pipeline.run_command([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), str(tmp_path / "b.log"))
 
 
 def test_missing_test_labels_are_an_error(fake_nnunet, capsys):
@@ -293,6 +318,8 @@ def test_crashed_cell_is_reported_others_continue_and_rerun_skips(fake_nnunet, c
     assert "[study 2/3] EncDecTrainer_3labels fold 1: training" in out
     log_path = os.path.join(fake_nnunet.output, "logs", "train_EncDecTrainer_3labels_fold1.log")
     assert "[study 2/3] EncDecTrainer_3labels: FAILED: command failed" in out and f"(log: {log_path})" in out
+    assert "1 of 3 cells failed (details in " in out  # and each failed cell's cause, on the console
+    assert "study_status.json):\n  EncDecTrainer_3labels: command failed (exit 1): nnUNetv2_train" in out
     assert len(trainings(fake_nnunet.calls)) == 6
     assert sum(c[0] == "nnUNetv2_predict" for c in fake_nnunet.calls) == 2
     status = json.loads((fake_nnunet.output / "study_status.json").read_text())
