@@ -16,8 +16,8 @@ SPACING = (1.5, 2.0, 2.5)
 ORIGIN = (10.0, -20.0, 30.0)
 DIRECTION = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 MODALITY = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
-LABELED = [f"BRATS_{i:03d}" for i in range(1, 7)]
-UNLABELED = ["BRATS_007", "BRATS_008"]
+LABELED = [f"BRATS_{i:03d}" for i in range(1, 8)]  # 7: 2 test cases leave the 5 that 5 folds need
+UNLABELED = ["BRATS_008", "BRATS_009"]
 
 
 def _volume(case: str) -> np.ndarray:
@@ -54,7 +54,7 @@ def _write_label(array: np.ndarray, path) -> None:
 
 @pytest.fixture(scope="module")
 def msd_folder(tmp_path_factory):
-    """A fake Task01_BrainTumour folder: 6 labeled and 2 unlabeled 8×9×7×4 cases, MSD dataset.json."""
+    """A fake Task01_BrainTumour folder: 7 labeled and 2 unlabeled 8×9×7×4 cases, MSD dataset.json."""
     root = tmp_path_factory.mktemp("msd") / "Task01_BrainTumour"
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (root / sub).mkdir(parents=True)
@@ -101,7 +101,7 @@ def _ids(folder, suffix: str) -> set[str]:
 def test_layout_and_split(converted):
     assert converted.name == "Dataset007_BrainTumour"
     split = json.loads((converted / "split.json").read_text())
-    assert len(split["train"]) == 4 and len(split["test"]) == 2 and split["unlabeled"] == UNLABELED
+    assert len(split["train"]) == 5 and len(split["test"]) == 2 and split["unlabeled"] == UNLABELED
     assert sorted(split["train"] + split["test"]) == LABELED
     assert split["source"] == "random" and split["seed"] == 3
     assert _ids(converted / "imagesTr", "_0000.nii.gz") == set(split["train"])
@@ -110,7 +110,7 @@ def test_layout_and_split(converted):
     assert _ids(converted / "labelsTs", ".nii.gz") == set(split["test"])
     assert _ids(converted / "imagesUnlabeled", "_0002.nii.gz") == set(UNLABELED)
     assert not _ids(converted / "imagesTr", "_0001.nii.gz") & set(split["test"] + UNLABELED)
-    assert len(list((converted / "imagesTr").iterdir())) == 4 * 4
+    assert len(list((converted / "imagesTr").iterdir())) == 5 * 4
 
 
 def test_channels_keep_geometry_and_content(converted):
@@ -146,7 +146,7 @@ def test_dataset_json_and_nnunet_integrity(converted):
         "enhancing tumor": [3],
     }
     assert dataset["regions_class_order"] == [1, 2, 3]
-    assert dataset["numTraining"] == 4 and dataset["file_ending"] == ".nii.gz"
+    assert dataset["numTraining"] == 5 and dataset["file_ending"] == ".nii.gz"
     verify_dataset_integrity(str(converted), num_processes=1)
 
 
@@ -159,6 +159,16 @@ def test_same_seed_same_split(msd_folder, converted, tmp_path):
     assert len(draws) > 1
 
 
+def test_split_leaving_fewer_training_cases_than_five_folds_need_is_refused(msd_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"--test-size 7 leaves 0 of the 7 labeled cases for training, but nnU-Net's "
+                                         r"5-fold cross-validation needs at least 5; hold out at most 2 cases"):
+        msd.convert_msd_brain_tumour(msd_folder, 2, tmp_path / "raw", test_size=7)
+    (tmp_path / "ids.json").write_text(json.dumps(LABELED[:3]))
+    with pytest.raises(ValueError, match=r"--test-ids .*ids.json leaves 4 of the 7"):
+        msd.convert_msd_brain_tumour(msd_folder, 2, tmp_path / "raw", test_ids_file=tmp_path / "ids.json")
+    assert not (tmp_path / "raw").exists()
+
+
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_explicit_test_ids(msd_folder, tmp_path, as_dict):
     ids = ["BRATS_005", "BRATS_002"]
@@ -169,7 +179,7 @@ def test_explicit_test_ids(msd_folder, tmp_path, as_dict):
     )
     split = json.loads((target / "split.json").read_text())
     assert split["test"] == sorted(ids) and split["source"] == str(tmp_path / "ids.json")
-    assert split["train"] == ["BRATS_001", "BRATS_003", "BRATS_004", "BRATS_006"]
+    assert split["train"] == ["BRATS_001", "BRATS_003", "BRATS_004", "BRATS_006", "BRATS_007"]
     assert _ids(target / "labelsTs", ".nii.gz") == set(ids)
 
 
@@ -213,11 +223,11 @@ def test_image_without_label(msd_folder, tmp_path):
     folder = _copy_with(msd_folder, tmp_path, lambda c: (c / "labelsTr" / "BRATS_004.nii.gz").unlink())
     with pytest.raises(FileNotFoundError, match="BRATS_004"):
         msd.convert_msd_brain_tumour(folder, 1, tmp_path / "raw")
-    shutil.copy(folder / "imagesTs" / "BRATS_007.nii.gz", folder / "imagesTr" / "BRATS_009.nii.gz")
+    shutil.copy(folder / "imagesTs" / "BRATS_008.nii.gz", folder / "imagesTr" / "BRATS_010.nii.gz")
     (folder / "labelsTr" / "BRATS_004.nii.gz").write_bytes(
         (msd_folder / "labelsTr" / "BRATS_004.nii.gz").read_bytes()
     )
-    with pytest.raises(ValueError, match="BRATS_009"):
+    with pytest.raises(ValueError, match="BRATS_010"):
         msd.convert_msd_brain_tumour(folder, 1, tmp_path / "raw")
 
 
@@ -274,12 +284,12 @@ def test_cli_hooks(msd_folder, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     msd.add_arguments(parser)
     args = parser.parse_args(
-        ["-i", str(msd_folder), "-d", "9", "-o", str(tmp_path), "--test-size", "3", "--seed", "1", "-np", "1"]
+        ["-i", str(msd_folder), "-d", "9", "-o", str(tmp_path), "--test-size", "2", "--seed", "1", "-np", "1"]
     )
     assert msd.run(args) == 0
     split = json.loads((tmp_path / "Dataset009_BrainTumour" / "split.json").read_text())
-    assert len(split["test"]) == 3 and split["seed"] == 1
+    assert len(split["test"]) == 2 and split["seed"] == 1
     output = capsys.readouterr().out
-    assert "training cases: 3/3" in output and "Dataset009_BrainTumour" in output
+    assert "training cases: 5/5" in output and "Dataset009_BrainTumour" in output
     with pytest.raises(SystemExit):
         parser.parse_args(["-i", "x", "--test-size", "3", "--test-ids", "ids.json"])

@@ -124,10 +124,14 @@ def choose_test_ids(case_ids: list[str], test_size: int, seed: int) -> list[str]
     return sorted(str(i) for i in chosen)
 
 
+MIN_TRAINING_CASES = 5  # nnU-Net's 5-fold cross-validation validates at least one case per fold
+
+
 def make_split(
     case_ids: list[str], test_size: int, seed: int, test_ids_file: Path | None
 ) -> tuple[list[str], list[str], dict]:
-    """Return (train ids, test ids, provenance) from a seeded draw or an explicit test id file."""
+    """Return (train ids, test ids, provenance) from a seeded draw or an explicit test id file; raise ValueError
+    when fewer than :data:`MIN_TRAINING_CASES` cases are left for training."""
     if test_ids_file is None:
         test = choose_test_ids(case_ids, test_size, seed)
         provenance = {"source": "random", "seed": seed, "test_size": test_size}
@@ -140,6 +144,11 @@ def make_split(
             )
         provenance = {"source": str(test_ids_file), "seed": None, "test_size": len(test)}
     train = sorted(set(case_ids).difference(test))
+    if len(train) < MIN_TRAINING_CASES:
+        given = f"--test-size {test_size}" if test_ids_file is None else f"--test-ids {test_ids_file}"
+        raise ValueError(f"{given} leaves {len(train)} of the {len(case_ids)} labeled cases for training, but "
+                         f"nnU-Net's 5-fold cross-validation needs at least {MIN_TRAINING_CASES}; hold out at most "
+                         f"{max(0, len(case_ids) - MIN_TRAINING_CASES)} cases.")
     return train, test, provenance
 
 
@@ -344,7 +353,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--test-size",
         type=int,
         default=49,
-        help="number of labeled cases held out as test set, drawn with --seed. Default: 49",
+        help="number of labeled cases held out as test set, drawn with --seed; at least 5 must be left for "
+        "training (5-fold cross-validation). Default: 49",
     )
     split.add_argument(
         "--test-ids",
