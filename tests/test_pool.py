@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from nnunet_ext.data.duplicates import CONTENT_SCHEME
 from nnunet_ext.data.pool import DuplicateCheck, build_pool, load_manifest, raw_test_ids, record_path
 
 KNOWN = frozenset({"a", "b", "v1", "v2", "t1", "t2", "l1", "l2", "zz", "p"})
@@ -54,8 +55,11 @@ def test_cases_without_a_check_or_with_a_stale_one_are_refused():
 def test_manifest_is_read_from_the_records(tmp_path):
     assert load_manifest(str(tmp_path / "missing")) == {}
     (tmp_path / "manifest").mkdir()
-    with open(record_path(str(tmp_path), "U1"), "w") as f:
-        json.dump({"duplicate_of": ["imagesTs/T1"], "checked_against": ["T1", "A"], "channels": []}, f)
+    for case, scheme in (("U1", CONTENT_SCHEME), ("OLD", 1)):
+        with open(record_path(str(tmp_path), case), "w") as f:
+            json.dump({"duplicate_of": ["imagesTs/T1"], "checked_against": ["T1", "A"], "channels": [],
+                       "content_scheme": scheme}, f)
+    # a record of an older rule (blind to copies with an edited header) counts as no check: the trainer refuses it
     assert load_manifest(str(tmp_path)) == {"U1": DuplicateCheck(("imagesTs/T1",), frozenset({"T1", "A"}))}
 
 

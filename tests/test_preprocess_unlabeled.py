@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,13 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="case 'B' has channel files \\[0\\].*2 channels"):
         raw_cases(str(folder), ".nii.gz", 2)
     (folder / "B_0000.nii.gz").unlink()
+    assert list(raw_cases(str(folder), ".nii.gz", 2)) == ["A"]
+    write(folder / "C_0000.nii", ok)  # nnU-Net would skip it: refused, not left out of the count
+    (folder / "notes.txt").write_text("not an image: ignored")
+    with pytest.raises(ValueError, match=r"C_0000.nii: a .nii image in a dataset whose images end in .nii.gz "
+                                         r"\(dataset.json file_ending\); nnU-Net .* skip it.*convert it to .nii.gz"):
+        raw_cases(str(folder), ".nii.gz", 2)
+    (folder / "C_0000.nii").unlink()
     assert list(raw_cases(str(folder), ".nii.gz", 2)) == ["A"]
     reader = SimpleITKIO()
     a0 = str(folder / "A_0000.nii.gz")
@@ -117,13 +125,46 @@ def test_content_is_the_same_whatever_the_file_format(tmp_path):
                              [case.geometries[0], Geometry.of(moved)])
     index = ReferenceIndex({"imagesTs/T": contents[:1]}, {"T"})
     assert index.copies_of(contents[1:2]) == ["imagesTs/T"]
-    assert index.copies_of(other[:1]) == [] and index.copies_of(other[1:]) == []  # one voxel; the origin
+    assert index.copies_of(other[:1]) == []  # one voxel differs: another image
     blank = channel_contents(np.zeros((1, 6, 7, 8)), case.geometries[:1])
     assert not blank[0]["informative"]
     index = ReferenceIndex({"imagesTr/E": blank + contents[:1]}, {"E"})
     assert index.copies_of(blank + other[:1]) == []  # sharing an empty channel alone is no copy
     assert index.copies_of(blank + contents[1:2]) == ["imagesTr/E"]
     assert ReferenceIndex({"imagesTr/E": blank}, {"E"}).copies_of(blank) == ["imagesTr/E"]  # identical image
+
+
+def test_voxels_decide_whatever_the_header_says_and_flips_or_transpositions_are_found(tmp_path):
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
+
+    image = (np.random.rand(5, 6, 7) * 100).astype(np.float32)
+    plain = Geometry((7, 6, 5), (1.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    reference = channel_contents(image[None], [plain])
+    index = ReferenceIndex({"imagesTs/T": reference}, {"T"})
+    moved = Geometry((7, 6, 5), (1.0,) * 3, (10.0,) * 3, (-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    edited = channel_contents(image[None], [moved])  # the same voxels, origin and direction edited
+    assert index.copies_of(edited) == ["imagesTs/T"]
+    assert index.evidence(edited, "imagesTs/T") == ("channel 0 = its channel 0; header differs: origin (10, 10, 10) "
+                                                    "vs (0, 0, 0); direction (-1, 0, 0, 0, 1, 0, 0, 0, 1) vs "
+                                                    "(1, 0, 0, 0, 1, 0, 0, 0, 1)")
+    for turned in (image[::-1], image[:, ::-1, ::-1], image.transpose(2, 0, 1), image.transpose(1, 0, 2)[::-1]):
+        contents = channel_contents(turned[None], [Geometry.of(sitk.GetImageFromArray(turned))])
+        assert index.copies_of(contents) == ["imagesTs/T"]
+        assert "flipped or transposed" in index.evidence(contents, "imagesTs/T")
+    changed = image.transpose(2, 0, 1).copy()
+    changed[0, 0, 0] += 1
+    assert index.copies_of(channel_contents(changed[None], [moved])) == []
+
+    # a reorienting reader returns an image with flipped direction cosines as a flipped array: still found
+    flipped = sitk.GetImageFromArray(image)
+    flipped.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    sitk.WriteImage(flipped, str(tmp_path / "flipped.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "plain.nii.gz"))
+    reader = NibabelIOWithReorient()
+    read = [load_checked([str(tmp_path / f"{n}.nii.gz")], reader) for n in ("plain", "flipped")]
+    assert not np.array_equal(read[0].data, read[1].data)
+    contents = [channel_contents(case.data, case.geometries) for case in read]
+    assert ReferenceIndex({"imagesTs/T": contents[0]}, {"T"}).copies_of(contents[1]) == ["imagesTs/T"]
 
 
 @pytest.mark.slow
@@ -231,6 +272,28 @@ def test_copies_are_found_by_content_not_file_bytes(tiny_copy, monkeypatch):
     preprocess_unlabeled(ds["id"], ["3d_fullres"], ds["plans"])
     assert read == [] and before == {f: os.path.getmtime(os.path.join(ds["folder"], f))
                                      for f in os.listdir(ds["folder"])}
+
+
+@pytest.mark.slow
+def test_copies_with_an_edited_header_are_kept_out_of_the_pool(tiny_copy):
+    ds = tiny_copy
+    raw, test = ds["raw"], ds["test"][0]
+    for src, moved, flipped in zip(channel_files(raw, "imagesTs", test), channel_files(raw, UNLAB, "ZORIGIN"),
+                                   channel_files(raw, UNLAB, "ZFLIP")):
+        image = sitk.ReadImage(str(src))
+        image.SetOrigin((10.0, 10.0, 10.0))
+        sitk.WriteImage(image, str(moved))
+        image = sitk.ReadImage(str(src))
+        image.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+        sitk.WriteImage(image, str(flipped))
+    preprocess_unlabeled(ds["id"], ["3d_fullres"], ds["plans"])
+    manifest = load_manifest(ds["folder"])
+    assert manifest["ZORIGIN"].copies == manifest["ZFLIP"].copies == (f"imagesTs/{test}",)
+    pool = pool_of(ds)  # the pool of the ss trainers, of MeanTeacher and of the pseudo-label teacher
+    assert "ZORIGIN" not in pool.ids and "ZFLIP" not in pool.ids
+    assert pool.excluded["ZFLIP"].startswith(f"imagesUnlabeled image is a copy of imagesTs/{test}")
+    with open(os.path.join(ds["folder"], "manifest", "ZFLIP.json")) as f:
+        assert "header differs: direction (-1, 0, 0" in json.load(f)["copy_evidence"][f"imagesTs/{test}"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nnunet_ext.data.budgets import DEFAULT_SEED
+from nnunet_ext.data.duplicates import CONTENT_SCHEME
 
 UNLABELED_RAW = "imagesUnlabeled"
 MANIFEST = "manifest"  # folder of one JSON record per preprocessed case (see preprocess_unlabeled)
@@ -143,7 +144,8 @@ def _require_checks(folder_ids: Sequence[str], duplicates: Mapping[str, Duplicat
 
 
 def load_manifest(folder: str) -> dict[str, DuplicateCheck]:
-    """The duplicate check of every case recorded in a preprocessed unlabeled folder (empty when none)."""
+    """The duplicate check of every case recorded in a preprocessed unlabeled folder by today's rule (empty when
+    none; a record of an older rule counts as none)."""
     records = os.path.join(folder, MANIFEST)
     if not os.path.isdir(records):
         return {}
@@ -152,6 +154,8 @@ def load_manifest(folder: str) -> dict[str, DuplicateCheck]:
         if name.endswith(".json"):
             with open(os.path.join(records, name)) as f:
                 record = json.load(f)
+            if record.get("content_scheme") != CONTENT_SCHEME:
+                continue
             checks[name[:-len(".json")]] = DuplicateCheck(tuple(record["duplicate_of"]),
                                                           frozenset(record["checked_against"]))
     return checks

@@ -20,14 +20,17 @@ import multiprocessing
 import os
 import shutil
 
-from nnunet_ext.data.duplicates import ReferenceIndex, channel_contents, reference_index
+from nnunet_ext.data.duplicates import CONTENT_SCHEME, ReferenceIndex, channel_contents, reference_index
 from nnunet_ext.data.pool import MANIFEST, UNLABELED_RAW, record_path, unlabeled_folder
 from nnunet_ext.data.raw_cases import file_signature, load_checked, raw_cases
 
 
 def duplicate_check(index: ReferenceIndex, channels: list[dict]) -> dict:
-    """The record fields the trainers read: the cases ``channels`` copy and every case id compared with."""
-    return {"duplicate_of": index.copies_of(channels), "checked_against": index.ids}
+    """The record fields the trainers read: the cases ``channels`` copy (and the evidence for each), every case
+    id compared with, and the version of the rule."""
+    copies = index.copies_of(channels)
+    return {"duplicate_of": copies, "copy_evidence": {c: index.evidence(channels, c) for c in copies},
+            "checked_against": index.ids, "content_scheme": CONTENT_SCHEME}
 
 
 def preprocess_case(case: str, image_files: list[str], output_folder: str, plans_manager, configuration_manager,
@@ -43,8 +46,9 @@ def preprocess_case(case: str, image_files: list[str], output_folder: str, plans
     for warning in raw.warnings:
         print(f"[preprocess-unlabeled] WARNING: {warning} (accepted, recorded in {record_path(output_folder, case)})")
     if record["duplicate_of"]:
-        print(f"[preprocess-unlabeled] {case} is a copy of {', '.join(record['duplicate_of'])}; trainers exclude it "
-              f"whenever that case is a test, validation or labeled case", flush=True)
+        evidence = "; ".join(f"{c} ({e})" for c, e in record["copy_evidence"].items())
+        print(f"[preprocess-unlabeled] {case} is a copy of {evidence}; trainers exclude it whenever that case is a "
+              f"test, validation or labeled case", flush=True)
     properties_file = os.path.join(output_folder, case + ".pkl")
     if os.path.isfile(properties_file):
         os.remove(properties_file)  # redone because its raw files changed: incomplete until the new files are in
@@ -118,8 +122,8 @@ def _up_to_date(folder: str, case: str, files: list[str], index: ReferenceIndex)
         return False
     with open(path) as f:
         record = json.load(f)
-    if record["files"] != file_signature(files):
-        return False
+    if record["files"] != file_signature(files) or record.get("content_scheme") != CONTENT_SCHEME:
+        return False  # raw files changed, or hashed by an older rule (e.g. blind to edited headers)
     check = duplicate_check(index, record["channels"])
     if check["duplicate_of"] != record["duplicate_of"]:
         print(f"[preprocess-unlabeled] {case}: now a copy of {check['duplicate_of'] or 'no case'} (was "

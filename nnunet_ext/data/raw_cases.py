@@ -17,14 +17,22 @@ import numpy as np
 
 from nnunet_ext.images import Geometry, check_file, error_text, read_geometry
 
+# endings of the image formats nnU-Net's readers take (longest first, so .nii.gz is not taken for .gz)
+IMAGE_ENDINGS = (".nii.gz", ".gipl.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl", ".png", ".bmp",
+                 ".tif", ".tiff", ".jpg", ".jpeg")
+
 
 def raw_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, list[str]]:
-    """Group ``CASE_XXXX<ending>`` files by case; fail naming a case whose channel files are incomplete."""
+    """Group ``CASE_XXXX<ending>`` files by case; fail naming a case whose channel files are incomplete, or an
+    image file of another format, which nnU-Net would skip without a word."""
     pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
     cases: dict[str, dict[int, str]] = {}
     for f in sorted(os.listdir(folder)):
         match = pattern.match(f)
-        if f.startswith(".") or not f.endswith(file_ending):
+        if f.startswith("."):
+            continue
+        if not f.endswith(file_ending):
+            _refuse_other_image_format(os.path.join(folder, f), file_ending)
             continue
         if match is None:
             raise ValueError(f"{os.path.join(folder, f)}: expected nnU-Net naming CASE_XXXX{file_ending} "
@@ -37,6 +45,15 @@ def raw_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, lis
                              f"lists {num_channels} channels (expected {case}_0000..{case}_{num_channels - 1:04d}"
                              f"{file_ending}).")
     return {case: [channels[c] for c in expected] for case, channels in cases.items()}
+
+
+def _refuse_other_image_format(path: str, file_ending: str) -> None:
+    """Raise ValueError when ``path`` is an image file whose ending is not the dataset's ``file_ending``."""
+    other = next((e for e in IMAGE_ENDINGS if path.endswith(e)), None)
+    if other is not None:
+        raise ValueError(f"{path}: a {other} image in a dataset whose images end in {file_ending} (dataset.json "
+                         f"file_ending); nnU-Net reads only those and would skip it without a word: convert it to "
+                         f"{file_ending} or move it out of {os.path.dirname(path)}.")
 
 
 def file_signature(files: list[str]) -> dict[str, list[int]]:
