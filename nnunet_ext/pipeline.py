@@ -8,6 +8,7 @@ are echoed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from nnunet_ext import locks
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 
 # lines of nnU-Net's output worth echoing while a step runs
@@ -149,13 +151,20 @@ class Experiment:
         """Where the prediction output of a trainer is logged."""
         return os.path.join(self.log_folder, f"predict_{trainer}.log")
 
+    def training_lock(self, trainer: str, fold: int) -> contextlib.AbstractContextManager:
+        """The lock that keeps a second run of ours from training this fold into the same result folder while one
+        does (:mod:`nnunet_ext.locks`; a killed run's lock is taken over)."""
+        folder = os.path.join(self.result_folder(trainer), f"fold_{fold}")
+        return locks.held(os.path.join(folder, locks.LOCK_FILE), f"training fold {fold} of {trainer} ({folder})")
+
     def train(self, trainer: str, folds: list[int]) -> None:
-        """Train the given folds, skipping finished ones."""
+        """Train the given folds, skipping finished ones, each under its :meth:`training_lock`."""
         for fold in folds:
-            if self.is_trained(trainer, fold):
-                log(f"{trainer} fold {fold}: already trained, skipping")
-                continue
-            run_command(self.train_command(trainer, fold), self.env, self.train_log(trainer, fold))
+            with self.training_lock(trainer, fold):
+                if self.is_trained(trainer, fold):
+                    log(f"{trainer} fold {fold}: already trained, skipping")
+                    continue
+                run_command(self.train_command(trainer, fold), self.env, self.train_log(trainer, fold))
 
     def predict(self, trainer: str, folds: list[int], images: str, output: str) -> str:
         """Predict ``images`` with the fold ensemble into ``output``."""

@@ -28,6 +28,11 @@ console repeats at the end, and the grid goes on; the exit code is 1 if any cell
 failed. ``--dispatch print`` prints the remaining commands (train per fold, predict, evaluate) one per
 line for any scheduler; ``--dispatch submitit`` submits the remaining training folds as SLURM jobs
 (rerun with ``--dispatch local`` afterwards to predict, evaluate and report).
+
+One run at a time: a run holds a lock on its output folder, and each training fold a lock in its nnU-Net result
+folder (:mod:`nnunet_ext.locks`: pid and host recorded, a killed run's lock taken over), so a second run on the
+same folder is refused naming the run that holds it, and a second study on the same result folders fails the
+cell whose fold is being trained instead of training it twice.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nnunet_ext import pipeline
+from nnunet_ext import locks, pipeline
 from nnunet_ext.datasets import prepare
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
 from nnunet_ext.evaluation.report import CaseResult, markdown_table, summary_case_results, write_report
@@ -183,12 +188,13 @@ def run_cell(study: Study, cell: Cell, progress: str) -> dict:
     log_path = None
     try:
         for fold in study.folds:
-            if study.experiment.is_trained(cell.trainer, fold):
-                log(f"{cell.trainer} fold {fold}: already trained, skipping", progress)
-                continue
-            log_path = study.experiment.train_log(cell.trainer, fold)
-            log(f"{cell.trainer} fold {fold}: training (log: {log_path})", progress)
-            pipeline.run_command(study.train_command(cell, fold), study.experiment.env, log_path)
+            with study.experiment.training_lock(cell.trainer, fold):
+                if study.experiment.is_trained(cell.trainer, fold):
+                    log(f"{cell.trainer} fold {fold}: already trained, skipping", progress)
+                    continue
+                log_path = study.experiment.train_log(cell.trainer, fold)
+                log(f"{cell.trainer} fold {fold}: training (log: {log_path})", progress)
+                pipeline.run_command(study.train_command(cell, fold), study.experiment.env, log_path)
         if study.is_evaluated(cell):
             log(f"{cell.trainer}: already evaluated, skipping prediction", progress)
             return {"state": "done", "summary": study.summary_path(cell)}
@@ -615,6 +621,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"{len(cells)} cells ({args.repeats} repeat{'s' if args.repeats > 1 else ''} each) x folds "
         f"{' '.join(map(str, study.folds))} on {study.experiment.dataset_name} "
         f"({study.experiment.plans}, {study.experiment.configuration}); output {study.output}", "study")
-    if args.dispatch == "submitit":
-        return submit_cells(study, cells, slurm, args.resubmit)
-    return run_local(study, cells, args.baseline)
+    with locks.held(os.path.join(study.output, locks.LOCK_FILE), f"study folder {study.output}"):
+        if args.dispatch == "submitit":
+            return submit_cells(study, cells, slurm, args.resubmit)
+        return run_local(study, cells, args.baseline)

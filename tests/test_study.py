@@ -17,9 +17,10 @@ import types
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_locks import write_lock
 
 import nnunet_ext
-from nnunet_ext import cli, pipeline
+from nnunet_ext import cli, locks, pipeline
 from nnunet_ext.datasets import prepare
 from nnunet_ext.datasets.synthetic import DEFAULT_DATASET_ID, REGION_LABELS
 from nnunet_ext.planners.groupnorm import GROUP_NORM, group_norm_plans
@@ -200,6 +201,23 @@ def test_a_failed_command_names_the_exception_that_ended_it(tmp_path):
         pipeline.run_command([sys.executable, "-c", script], dict(os.environ), str(tmp_path / "train.log"))
     with pytest.raises(RuntimeError, match=r"^command failed \(exit 3\): "):  # nothing to name: the log says more
         pipeline.run_command([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), str(tmp_path / "b.log"))
+
+
+def test_a_second_run_on_the_same_study_folder_or_training_fold_is_refused(fake_nnunet, capsys):
+    grid = ("--trainers", "EncDec", "--labels", "3", "--folds", "0", "1")
+    write_lock(fake_nnunet.output / locks.LOCK_FILE, os.getppid())  # a study that is running
+    assert re.search(rf"study folder .*study is in use by pid {os.getppid()} on host ",
+                     user_error(capsys, *grid))
+    assert fake_nnunet.calls == []
+    (fake_nnunet.output / locks.LOCK_FILE).unlink()
+    fold = fake_nnunet.results / RESULT_FOLDER.format(trainer="EncDecTrainer_3labels") / "fold_1"
+    write_lock(fold / locks.LOCK_FILE, os.getppid())  # another study training this fold into the same result folder
+    assert study(*grid, "--output", str(fake_nnunet.results / "other_study")) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"EncDecTrainer_3labels: FAILED: training fold 1 of EncDecTrainer_3labels \(.*fold_1\) is in use "
+                     rf"by pid {os.getppid()}", out)
+    assert trainings(fake_nnunet.calls) == [("EncDecTrainer_3labels", "0")]  # fold 1 not trained a second time
+    assert not (fake_nnunet.output / locks.LOCK_FILE).exists()  # released by the run that held it
 
 
 def test_missing_test_labels_are_an_error(fake_nnunet, capsys):
