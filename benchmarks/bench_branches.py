@@ -89,9 +89,10 @@ REGIONS = 3  # whole tumour, tumour core, enhancing tumour
 
 @dataclass(frozen=True)
 class PlanSpec:
-    """A 3d_fullres plan as nnU-Net's planners derive it for an isotropic patch (spacing 1, 4-voxel bottleneck)."""
+    """A 3d_fullres plan as nnU-Net's planners derive it for a patch of edge ``patch_edge`` (or of that shape, for a
+    tuple; spacing 1, 4-voxel bottleneck)."""
 
-    patch_edge: int
+    patch_edge: int | tuple[int, int, int]
     base_features: int
     max_features: int
     batch_size: int = 2
@@ -125,7 +126,7 @@ class Architecture:
 def planned_architecture(spec: PlanSpec, residual: bool) -> Architecture:
     """The architecture nnU-Net's planner (or its ResEnc planner with ``residual``) plans for ``spec``, with
     GroupNorm; topology from nnU-Net's ``get_pool_and_conv_props``."""
-    patch = [spec.patch_edge] * 3
+    patch = list(spec.patch_edge) if isinstance(spec.patch_edge, tuple) else [spec.patch_edge] * 3
     _, strides, kernels, patch_size, _ = get_pool_and_conv_props([1.0] * 3, patch, 4, 999999)
     n_stages = len(strides)
     kwargs: dict = {
