@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -643,7 +644,7 @@ def plans_summary(folders: Folders, mode: Mode) -> dict:
     return summary
 
 
-def test_case(folders: Folders) -> str:
+def first_test_case(folders: Folders) -> str:
     """The id of the first labeled test case (imagesTs / labelsTs)."""
     return sorted(p.name[:-len(".nii.gz")] for p in (folders.raw / "labelsTs").glob("*.nii.gz"))[0]
 
@@ -653,7 +654,7 @@ def real_commands(mode: Mode, budget: Budget, runner: Runner, preparation: Prepa
     result: dict = {"dataset": {"shape_zyx": list(mode.shape), "train_test_unlabeled": list(mode.cases)}}
     while preparation.is_alive() and budget.left("commands") > 0:
         log(f"commands: waiting for the dataset preparation ({budget.left('commands'):.0f} s left)")
-        preparation.join(timeout=15)
+        preparation.join(timeout=min(15, max(budget.left("commands"), 0.01)))
     if preparation.is_alive():
         runner.kill_all("skipped: budget (killed at the deadline)")
     preparation.join()
@@ -683,7 +684,7 @@ def predict_one_case(mode: Mode, budget: Budget, runner: Runner, folders: Folder
         return {"status": "skipped: no training finished"}
     if budget.left("commands") < mode.min_start_s:
         return {"status": "skipped: budget"}
-    chosen, case = finished[0], test_case(folders)
+    chosen, case = finished[0], first_test_case(folders)
     inputs, output = folders.work / "predict_input", folders.work / "predict_output"
     inputs.mkdir(exist_ok=True)
     for image in (folders.raw / "imagesTs").glob(f"{case}_*.nii.gz"):
@@ -726,8 +727,8 @@ def prediction_times(mode: Mode, budget: Budget, folders: Folders, trainings: li
         rows.append({"trainer": training["trainer"], "plans": training["plans"], "median_s": median,
                      "all_s": seconds, "noise": noise, "x_baseline": x,
                      "verdict": "equal within noise" if abs(x - 1) <= max(noise, base_noise) else "differs"})
-    return {"status": "done", "baseline": finished[0]["trainer"], "case": test_case(folders), "warmup": mode.warmup,
-            "rounds": mode.prediction_rounds, "rows": rows,
+    return {"status": "done", "baseline": finished[0]["trainer"], "case": first_test_case(folders),
+            "warmup": mode.warmup, "rounds": mode.prediction_rounds, "rows": rows,
             "how": "nnUNetPredictor.predict_sliding_window_return_logits (tile step 0.5, no mirroring) of the case "
                    "preprocessed for the checkpoint's plans, fold 0's checkpoint_final.pth"}
 
@@ -738,7 +739,7 @@ def time_predictions(mode: Mode, folders: Folders, finished: list[dict]) -> dict
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     device = torch.device(mode.device)
-    images = sorted(str(p) for p in (folders.raw / "imagesTs").glob(f"{test_case(folders)}_*.nii.gz"))
+    images = sorted(str(p) for p in (folders.raw / "imagesTs").glob(f"{first_test_case(folders)}_*.nii.gz"))
     predictors, inputs = {}, {}
     for training in finished:
         predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=device, allow_tqdm=False,
@@ -891,6 +892,15 @@ def nnunet_ext_environment() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
+def guarded(phase, *args) -> dict:
+    """``phase(*args)``, or its failure as a result: a bug in one phase must not cost the others their time."""
+    try:
+        return phase(*args)
+    except Exception as error:
+        traceback.print_exc()
+        return {"status": f"failed: {type(error).__name__}: {str(error)[:300]}"}
+
+
 def run_phases(mode: Mode, budget: Budget, report: Report, folders: Folders) -> int:
     """The environment check, then phases 2, 3 and 4, the dataset preparation running in the background."""
     env = environment(mode)
@@ -904,10 +914,10 @@ def run_phases(mode: Mode, budget: Budget, report: Report, folders: Folders) -> 
     preparation = Preparation(runner, mode, budget.ends["commands"])
     preparation.start()
     try:
-        report.phase("steps", step_benchmarks(mode, budget, report))
-        report.phase("commands", real_commands(mode, budget, runner, preparation, folders))
+        report.phase("steps", guarded(step_benchmarks, mode, budget, report))
+        report.phase("commands", guarded(real_commands, mode, budget, runner, preparation, folders))
         trainings = report.data["phases"]["commands"].get("trainings", [])
-        report.phase("prediction", prediction_times(mode, budget, folders, trainings))
+        report.phase("prediction", guarded(prediction_times, mode, budget, folders, trainings))
     finally:
         runner.kill_all("skipped: the check stopped early")
     statuses = {name: phase["status"] for name, phase in report.data["phases"].items()}
