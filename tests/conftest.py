@@ -58,7 +58,8 @@ def nnunet_env(root) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
-    """A 10-case 32^3 demo dataset, planned with nnUNetPlannerCPU and preprocessed (3d_fullres)."""
+    """A 10-case 32^3 demo dataset, planned with nnUNetPlannerCPU and preprocessed (3d_fullres, imagesUnlabeled
+    too)."""
     root = tmp_path_factory.mktemp("nnunet")
     env = nnunet_env(root)
     run(["nnunet-ext", "make-demo-dataset", "-d", str(TINY_DATASET_ID), "--num-train", "10", "--num-test", "2",
@@ -66,6 +67,7 @@ def tiny_dataset(tmp_path_factory):
     run(["nnunet-ext", "plan", "-d", str(TINY_DATASET_ID), "-np", "1"], env)
     run(["nnUNetv2_preprocess", "-d", str(TINY_DATASET_ID), "-plans_name", "nnUNetCPUPlans", "-c", "3d_fullres",
          "-np", "1"], env)
+    run(["nnunet-ext", "preprocess-unlabeled", "-d", str(TINY_DATASET_ID), "-p", "nnUNetCPUPlans"], env)
     env["nnUNet_n_proc_DA"] = "0"
     raw = os.path.join(env["nnUNet_raw"], f"Dataset{TINY_DATASET_ID}_BraTSDemo")
     return {"env": env, "id": TINY_DATASET_ID, "raw": raw, "root": root,

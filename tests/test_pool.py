@@ -93,3 +93,24 @@ def test_unlabeled_trainers_refuse_to_train_when_the_test_split_cannot_be_read(m
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))  # a raw folder without this dataset
     with pytest.raises(FileNotFoundError, match="Dataset991_BraTSDemo does not exist"):
         trainer.get_tr_and_val_datasets()
+
+
+@pytest.mark.parametrize("trainer_name", ["ssVAESegTrainer_3labels", "MeanTeacherTrainer_3labels"])
+def test_unlabeled_trainers_refuse_imagesunlabeled_that_was_never_preprocessed(make_trainer, tiny_dataset, trainer_name,
+                                                                            monkeypatch, tmp_path):
+    """imagesUnlabeled exists but has no preprocessed copy for these plans: every trainer that learns from unlabeled
+    images refuses and prints the command, instead of training on the fold's spare cases alone without a word."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    import nnunet_ext.trainers.semisupervised as semisupervised
+    from nnunet_ext.data.pool import complete_cases, unlabeled_folder, unpreprocessed_unlabeled
+
+    trainer = make_trainer(trainer_name)
+    trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
+    folder = unlabeled_folder(trainer.preprocessed_dataset_folder_base, "nnUNetCPUPlans_3d_fullres")
+    assert unpreprocessed_unlabeled(tiny_dataset["raw"], ".nii.gz", complete_cases(trainer.dataset_class, folder)) == []
+    monkeypatch.setattr(semisupervised, "unlabeled_folder", lambda *args: str(tmp_path / "never_preprocessed"))
+    with pytest.raises(ValueError, match=r"2 images of imagesUnlabeled have no preprocessed copy for plans "
+                                         r"nnUNetCPUPlans, configuration 3d_fullres.*'nnunet-ext preprocess-unlabeled "
+                                         r"-d Dataset991_BraTSDemo -c 3d_fullres -p nnUNetCPUPlans'"):
+        trainer.get_tr_and_val_datasets()

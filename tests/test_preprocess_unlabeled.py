@@ -214,6 +214,7 @@ def tiny_copy(tiny_dataset, tmp_path, monkeypatch):
         shutil.copytree(source, tmp_path / var / name)
         monkeypatch.setenv(var, str(tmp_path / var))
     raw, preprocessed = tmp_path / "nnUNet_raw" / name, tmp_path / "nnUNet_preprocessed" / name
+    shutil.rmtree(unlabeled_folder(str(preprocessed), "nnUNetCPUPlans_3d_fullres"))  # each test preprocesses it
     return {"id": tiny_dataset["id"], "raw": raw, "plans": "nnUNetCPUPlans",
             "folder": unlabeled_folder(str(preprocessed), "nnUNetCPUPlans_3d_fullres"),
             "train": sorted({f[:-12] for f in os.listdir(raw / "imagesTr")}),

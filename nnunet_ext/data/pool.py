@@ -77,6 +77,17 @@ def raw_test_ids(raw_dataset_folder: str, file_ending: str) -> set[str]:
     return ids
 
 
+def unpreprocessed_unlabeled(raw_dataset_folder: str, file_ending: str, preprocessed: Sequence[str]) -> list[str]:
+    """Case ids of the raw ``imagesUnlabeled/`` (by file name) that have no complete preprocessed copy among
+    ``preprocessed``; empty when the dataset has no such folder."""
+    folder = os.path.join(raw_dataset_folder, UNLABELED_RAW)
+    if not os.path.isdir(folder):
+        return []
+    suffix = len("_0000") + len(file_ending)
+    raw = {f[:-suffix] for f in os.listdir(folder) if f.endswith(file_ending) and not f.startswith(".")}
+    return sorted(raw - set(preprocessed))
+
+
 @dataclass(frozen=True)
 class DuplicateCheck:
     """The duplicate check of one imagesUnlabeled case: the labeled/test cases it copies ('imagesTs/CASE'),

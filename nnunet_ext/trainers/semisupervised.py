@@ -31,6 +31,7 @@ from nnunet_ext.data.pool import (
     load_manifest,
     raw_test_ids,
     unlabeled_folder,
+    unpreprocessed_unlabeled,
 )
 from nnunet_ext.data.unlabeled import UnlabeledDataLoader, UnlabeledDataset, folder_dataset_class
 
@@ -45,8 +46,18 @@ class UnlabeledPoolMixin:
         folder = unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
         folder_class = folder_dataset_class(folder)  # its own format, as nnU-Net reads each preprocessed folder
         folder_ids = complete_cases(folder_class, folder) if folder_class else []
+        test_ids = self.test_ids()  # first: it names nnUNet_raw when that is unset
+        missing = unpreprocessed_unlabeled(os.path.join(nnUNet_raw.get(), self.plans_manager.dataset_name),
+                                           self.dataset_json["file_ending"], folder_ids)
+        if missing:
+            raise ValueError(f"{type(self).__name__}, fold {self.fold}: {len(missing)} images of imagesUnlabeled "
+                             f"have no preprocessed copy for plans {self.plans_manager.plans_name}, configuration "
+                             f"{self.configuration_name} (e.g. {missing[:3]}), so training would leave them out "
+                             f"without a word; run 'nnunet-ext preprocess-unlabeled -d "
+                             f"{self.plans_manager.dataset_name} -c {self.configuration_name} "
+                             f"-p {self.plans_manager.plans_name}' (it skips cases already done).")
         pool = build_pool(self.beyond_budget, folder_ids, dataset_tr.identifiers, dataset_val.identifiers,
-                          self.test_ids(), load_manifest(folder), self.budget_seed)
+                          test_ids, load_manifest(folder), self.budget_seed)
         try:
             selected = pool.select(self.trainer_spec.unlabeled)
         except ValueError as e:
