@@ -143,7 +143,7 @@ class CPCBranch(Branch):
         self.stage = stage % len(spec.channels)
         self.stage_stride = tuple(math.prod(s[a] for s in spec.strides[:self.stage + 1]) for a in range(spec.ndim))
         self.n_stages = len(spec.channels)
-        channels = spec.channels[stage]
+        channels = spec.channels[self.stage]
         self.context = nn.Sequential(*(ResBlock(spec.conv_op, channels) for _ in range(n_blocks)),
                                      conv1x1(spec.conv_op, channels, channels))
 
