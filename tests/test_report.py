@@ -7,36 +7,44 @@ import math
 from dataclasses import replace
 
 import matplotlib.image
+import numpy as np
 import pytest
 
 from nnunet_ext.evaluation.report import (
     CSV_COLUMNS,
+    PAIRED_CSV_COLUMNS,
     CaseResult,
     markdown_report,
     markdown_table,
+    paired_figure,
     paired_tables,
     region_order,
     result_rows,
     write_report,
 )
+from nnunet_ext.evaluation.statistics import MIN_CASES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # dataset.json order (whole tumor first), as evaluate_folder reports regions
 REGIONS = ("whole tumor", "tumor core", "enhancing tumor")
 PAPER_ORDER = ("enhancing tumor", "tumor core", "whole tumor")
-# per-case offsets with mean 0: the test-set mean of a region is the value given for it
-OFFSETS = {"c0": -0.03, "c1": -0.01, "c2": 0.01, "c3": 0.03}
+
+
+def _offsets(n_cases: int) -> dict[str, float]:
+    """Per-case offsets from −0.03 to 0.03 with mean 0 (0 for one case): a region's test mean is the value given."""
+    spread = (np.arange(n_cases) - (n_cases - 1) / 2) * (0.06 / max(n_cases - 1, 1))
+    return {f"c{i}": float(offset) for i, offset in enumerate(spread)}
 
 
 def _cases(model: str, labels: int, unlabeled: int | None, dice: tuple[float, float, float],
            hd95: tuple[float, float, float], repeat: int = 0, policy: str = "brats",
-           used: tuple[int, ...] = ()) -> list[CaseResult]:
+           used: tuple[int, ...] = (), n_cases: int = 4) -> list[CaseResult]:
     """Per-case results of one repeat of a cell; ``dice``/``hd95`` are the ET, TC, WT test means."""
     trainer = f"{model}Trainer_{labels}labels" + (f"_{unlabeled}unlabeled" if unlabeled else "")
     by_region = dict(zip(PAPER_ORDER, zip(dice, hd95)))
     return [CaseResult(trainer, model, labels, unlabeled, (0, 1), repeat, case, g, policy,
                        by_region[g][0] + offset, by_region[g][1] + 10 * offset, used)
-            for case, offset in OFFSETS.items() for g in REGIONS]
+            for case, offset in _offsets(n_cases).items() for g in REGIONS]
 
 
 @pytest.fixture
@@ -157,34 +165,120 @@ def test_unknown_policy_and_duplicate_cases_are_errors(cases):
 
 
 def _shifted(model: str, labels: int, repeats: int = 2, dice_shift: float = 0.1, hd95_shift: float = -2.0,
-             policy: str = "brats") -> list[CaseResult]:
+             policy: str = "brats", n_cases: int = 4) -> list[CaseResult]:
     """EncDec and ``model`` at one budget; ``model`` is EncDec shifted by a constant on every case and repeat."""
     cases = []
     for k in range(repeats):
         base = (0.5 + 0.1 * k, 0.6, 0.7)
-        cases += _cases("EncDec", labels, None, base, (10.0, 20.0, 30.0), repeat=k, policy=policy)
+        cases += _cases("EncDec", labels, None, base, (10.0, 20.0, 30.0), repeat=k, policy=policy, n_cases=n_cases)
         cases += _cases(model, labels, None, tuple(d + dice_shift for d in base),
-                        (10.0 + hd95_shift, 20.0 + hd95_shift, 30.0 + hd95_shift), repeat=k, policy=policy)
+                        (10.0 + hd95_shift, 20.0 + hd95_shift, 30.0 + hd95_shift), repeat=k, policy=policy,
+                        n_cases=n_cases)
     return cases
 
 
+def _paired_csv(cases: list[CaseResult], folder) -> list[dict[str, str]]:
+    """The lines of ``paired_differences.csv`` written by :func:`write_report`."""
+    with open(write_report(cases, str(folder))["paired_csv"], newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == PAIRED_CSV_COLUMNS
+        return list(reader)
+
+
+def _texts(figure) -> list[str]:
+    """The texts drawn in the panels of a figure (interval stars, ``n too small``)."""
+    return [t.get_text() for ax in figure.axes for t in ax.texts]
+
+
+def _intervals_drawn(figure) -> int:
+    """How many intervals (error bars) the panels of a figure draw."""
+    return sum(len(ax.containers) for ax in figure.axes)
+
+
 def test_paired_table_gives_constant_shifts_with_zero_width_marked_intervals():
-    table = paired_tables(_shifted("CPCSeg", 6))
+    table = paired_tables(_shifted("CPCSeg", 6, n_cases=20))
     assert table.startswith("#### 6 labels\n\n| model | unlabeled | region | repeats | ΔDice [95% CI] | Dice pairs | "
-                            "Dice p | ΔHD95 (mm) [95% CI] | HD95 pairs | HD95 p |")
-    # 2 repeats x 4 cases; 4 per-case means all positive: exact two-sided Wilcoxon p = 2 / 2^4
+                            "Dice p | Dice p Holm | ΔHD95 (mm) [95% CI] | HD95 pairs | HD95 p | HD95 p Holm |")
+    # 2 repeats x 20 cases; 20 per-case means all positive: exact two-sided Wilcoxon p = 2 / 2^20
     assert _rows_of(table) == [
-        f"| CPCSeg | – | {g} | 2 | +0.1000 [+0.1000, +0.1000] * | 8 | 0.1250 | -2.00 [-2.00, -2.00] * | 8 | 0.1250 |"
-        for g in ("ET", "TC", "WT")]
-    assert "seed 0" in table and "10000 resamples" in table and "test cases and the repeats" in table
+        f"| CPCSeg | – | {g} | 2 | +0.1000 [+0.1000, +0.1000] * | 40 | <0.0001 | <0.0001 | "
+        "-2.00 [-2.00, -2.00] * | 40 | <0.0001 | <0.0001 |" for g in ("ET", "TC", "WT")]
+    assert "seed 0" in table and "10000 resamples" in table and "test cases and the" in table
+    assert "Holm over the 6 comparisons of this table with intervals; 6 of their unadjusted intervals exclude 0, " \
+           "where about 0.3 would by chance alone if no model differed from EncDec." in table
 
 
 def test_paired_table_does_not_mark_an_interval_that_contains_zero():
-    cases = _shifted("CPCSeg", 6, repeats=1, dice_shift=0.0, hd95_shift=0.0)
-    cases = [c if c.model == "EncDec" or c.case not in ("c0", "c3") else
+    cases = _shifted("CPCSeg", 6, repeats=1, dice_shift=0.0, hd95_shift=0.0, n_cases=20)
+    cases = [c if c.model == "EncDec" or c.case not in ("c0", "c19") else
              replace(c, dice=c.dice + (0.05 if c.case == "c0" else -0.05)) for c in cases]
     dice = [line.split(" | ")[4] for line in _rows_of(paired_tables(cases))]
     assert all(d.startswith("+0.0000 [-0.") and d.endswith("]") for d in dice), dice
+
+
+def test_one_case_gives_the_mean_and_n_too_small_in_table_csv_and_plot(tmp_path):
+    # the issue's case: one real test case, one repeat
+    cases = _shifted("ssCPCSeg", 6, repeats=1, dice_shift=-0.2135, hd95_shift=17.71, n_cases=1)
+    table = paired_tables(cases)
+    assert table.startswith("#### 6 labels (one repeat: the interval covers the spread between test cases only, "
+                            "not between training runs)\n")
+    assert _rows_of(table) == [f"| ssCPCSeg | – | {g} | 1 | -0.2135 (n too small) | 1 | 1.0000 | – | "
+                               "+17.71 (n too small) | 1 | 1.0000 | – |" for g in ("ET", "TC", "WT")]
+    assert f"No comparison in this table has {MIN_CASES} or more test cases: no interval, no star." in table
+    assert f"An interval needs {MIN_CASES} distinct test cases with a pair" in table and "`n too small`" in table
+    lines = _paired_csv(cases, tmp_path)
+    assert len(lines) == 3 * 2  # 3 regions x 2 metrics
+    assert {(r["n_too_small"], r["star"], r["low"], r["high"], r["p"], r["p_holm"]) for r in lines} == \
+        {("True", "False", "nan", "nan", "1.0", "nan")}
+    figure = paired_figure(cases)
+    assert _texts(figure) == ["n too small"] * 3 and _intervals_drawn(figure) == 0
+
+
+def test_identical_methods_on_20_cases_get_no_star(tmp_path):
+    cases = _shifted("CPCSeg", 6, repeats=1, dice_shift=0.0, hd95_shift=0.0, n_cases=20)
+    table = paired_tables(cases)
+    assert _rows_of(table) == [f"| CPCSeg | – | {g} | 1 | +0.0000 [+0.0000, +0.0000] | 20 | 1.0000 | 1.0000 | "
+                               "+0.00 [+0.00, +0.00] | 20 | 1.0000 | 1.0000 |" for g in ("ET", "TC", "WT")]
+    assert not any(r["star"] == "True" for r in _paired_csv(cases, tmp_path))
+    figure = paired_figure(cases)
+    assert "*" not in _texts(figure) and _intervals_drawn(figure) == 3
+
+
+def test_a_planted_difference_on_20_cases_is_starred_in_table_csv_and_plot(tmp_path):
+    rng = np.random.default_rng(1)
+    cases = _shifted("ssCPCSeg", 6, repeats=3, dice_shift=0.0, hd95_shift=0.0, n_cases=20)
+    cases = [replace(c, dice=c.dice + 0.05 + rng.normal(0.0, 0.02)) if c.model == "ssCPCSeg" else c for c in cases]
+    rows = _rows_of(paired_tables(cases))
+    assert [row.split(" | ")[4].endswith(" *") for row in rows] == [True] * 3  # ΔDice starred in every region
+    assert [row.split(" | ")[8].endswith(" *") for row in rows] == [False] * 3  # ΔHD95 0: not
+    lines = _paired_csv(cases, tmp_path)
+    assert {(r["metric"], r["star"]) for r in lines} == {("dice", "True"), ("hd95", "False")}
+    for r in lines:  # raw p and its Holm adjustment side by side
+        assert float(r["p"]) <= float(r["p_holm"]) <= 1.0 and r["n_too_small"] == "False"
+    figure = paired_figure(cases)
+    assert _texts(figure) == ["*"] * 3 and _intervals_drawn(figure) == 3
+
+
+def test_stars_only_after_holm_over_the_comparisons_of_a_table():
+    # ET: −0.06, −0.05, …, +0.13 (mean +0.035, interval about [+0.01, +0.06], Wilcoxon p 0.024); the other 5
+    # comparisons of the table (TC, WT, HD95) are identical, p = 1, so Holm multiplies that p by 6
+    differences = [0.01 * (i - 6) for i in range(20)]
+    cases = _shifted("CPCSeg", 6, repeats=1, dice_shift=0.0, hd95_shift=0.0, n_cases=20)
+    cases = [replace(c, dice=c.dice + differences[int(c.case[1:])])
+             if (c.model, c.region) == ("CPCSeg", "enhancing tumor") else c for c in cases]
+    table = paired_tables(cases)
+    et = _rows_of(table)[0].split(" | ")
+    assert et[4].endswith("]") and float(et[4].split("[")[1].split(",")[0]) > 0  # the interval excludes 0 ...
+    assert float(et[6]) < 0.05 <= float(et[7])  # ... and the raw p is small, but Holm's is not: no star
+    assert "Holm over the 6 comparisons of this table with intervals; 1 of their unadjusted intervals exclude 0" \
+        in table
+
+
+def test_heading_says_when_intervals_cover_test_cases_only():
+    cases = _shifted("CPCSeg", 6, repeats=2) + [c for c in _shifted("VAESeg", 6, repeats=1) if c.model == "VAESeg"]
+    assert paired_tables(cases).startswith("#### 6 labels (rows with 1 repeat: the interval covers the spread between "
+                                           "test cases only, not between training runs)\n")
+    assert paired_tables(_shifted("CPCSeg", 6, repeats=2)).startswith("#### 6 labels\n")
 
 
 def test_paired_table_counts_pairs_without_nan():
@@ -192,15 +286,16 @@ def test_paired_table_counts_pairs_without_nan():
     cases = [replace(c, dice=math.nan) if (c.model, c.case, c.region) ==
              ("CPCSeg", "c1", "enhancing tumor") else c for c in cases]
     et = _rows_of(paired_tables(cases, "nan"))[0].split(" | ")
-    assert et[2:7] == ["ET", "1", "+0.1000 [+0.1000, +0.1000] *", "3", "0.2500"]
+    assert et[2:8] == ["ET", "1", "+0.1000 (n too small)", "3", "0.2500", "–"]
 
 
 def test_paired_table_says_when_there_is_no_baseline():
     cases = _shifted("CPCSeg", 6) + _cases("CPCSeg", 12, None, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), repeat=0)
     cases += _cases("VAESeg", 6, None, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), repeat=5)
     rows = _rows_of(paired_tables(cases))
-    assert "| VAESeg | – | – | – | no EncDec repeat matches repeats 5 (EncDec has 0 1) | – | – | – | – | – |" in rows
-    assert "| CPCSeg | – | – | – | no EncDec at 12 labels | – | – | – | – | – |" in rows
+    assert "| VAESeg | – | – | – | no EncDec repeat matches repeats 5 (EncDec has 0 1) | – | – | – | – | – | – | – |" \
+        in rows
+    assert "| CPCSeg | – | – | – | no EncDec at 12 labels | – | – | – | – | – | – | – |" in rows
     assert paired_tables(_cases("CPCSeg", 6, None, (0.5,) * 3, (1.0,) * 3)) == \
         "No EncDec cells, so no paired differences (choose the baseline model with --baseline)."
 
@@ -208,11 +303,11 @@ def test_paired_table_says_when_there_is_no_baseline():
 def test_baseline_model_is_a_parameter():
     cases = _shifted("CPCSeg", 6)
     rows = _rows_of(paired_tables(cases, baseline="CPCSeg"))
-    assert rows[0].startswith("| EncDec | – | ET | 2 | -0.1000 [-0.1000, -0.1000] * |")
+    assert rows[0].startswith("| EncDec | – | ET | 2 | -0.1000 (n too small) |")
 
 
 def test_report_is_reproducible_and_has_table1_and_marked_paired_table(tmp_path):
-    cases = _shifted("ssCPCSeg", 6)
+    cases = _shifted("ssCPCSeg", 6, n_cases=20)
     first = write_report(cases, str(tmp_path / "a"))
     second = write_report(cases, str(tmp_path / "b"))
     text = (tmp_path / "a" / "results.md").read_text()
@@ -220,12 +315,14 @@ def test_report_is_reproducible_and_has_table1_and_marked_paired_table(tmp_path)
     assert text.startswith("# Study results\n\n## BraTS convention")
     assert "| EncDec | 6 | – | 0.5500 ± 0.0707 |" in text and "### Paired differences to EncDec" in text
     assert "| ssCPCSeg | – | ET | 2 | +0.1000 [+0.1000, +0.1000] * |" in text
-    assert set(first) == set(second) == {"csv", "table", "fig2", "paired"}
+    assert (tmp_path / "a" / "paired_differences.csv").read_text() == \
+        (tmp_path / "b" / "paired_differences.csv").read_text()
+    assert set(first) == set(second) == {"csv", "table", "paired_csv", "fig2", "paired"}
 
 
 def test_plots_are_valid_pngs_and_fig4_needs_several_unlabeled_counts(cases, tmp_path):
     paths = write_report(cases, str(tmp_path))
-    assert set(paths) == {"csv", "table", "fig2", "paired"}
+    assert set(paths) == {"csv", "table", "paired_csv", "fig2", "paired"}
     for kind in ("fig2", "paired"):
         assert _is_png(paths[kind]) and matplotlib.image.imread(paths[kind]).ndim == 3
     assert not (tmp_path / "fig4_dice_vs_unlabeled.png").exists()
@@ -247,7 +344,7 @@ def test_fig4_and_paired_plot_written_when_possible_and_removed_when_stale(cases
     paths = write_report(cases + ss, str(tmp_path))
     assert _is_png(paths["fig4"]) and _is_png(paths["fig2"]) and _is_png(paths["paired"])
     paths = write_report([c for c in cases if c.model == "EncDec"], str(tmp_path))
-    assert set(paths) == {"csv", "table", "fig2"}
+    assert set(paths) == {"csv", "table", "paired_csv", "fig2"}
     assert not (tmp_path / "fig4_dice_vs_unlabeled.png").exists() and not (tmp_path / "fig_paired_dice.png").exists()
 
 

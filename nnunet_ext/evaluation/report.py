@@ -9,9 +9,16 @@ with its own labeled subset) are told apart by ``repeat`` and may have different
 - ``results.md``: per policy, Table 1 (mean ± sample std over the repeats of those means, the std only with
   more than one repeat, and the plans and norm the cell trained with) and, per label budget, the paired
   differences of every other model to the baseline model at the same budget (see ``statistics``).
+- ``paired_differences.csv``: those paired differences, one line per policy × budget × model × region × metric,
+  with the unadjusted interval, the raw and the Holm-adjusted p and the star.
 - Fig. 2 (Dice vs labels), Fig. 4 (Dice vs unlabeled count), each a mean line with a ± std band over the
-  repeats, and the per-case paired plot (ΔDice per test case); all for the first policy present in
-  ``EMPTY_POLICIES`` order (BraTS before nnU-Net's).
+  repeats, and the per-case paired plot (ΔDice per test case with the interval and star of its table); all for
+  the first policy present in ``EMPTY_POLICIES`` order (BraTS before nnU-Net's).
+
+One paired table (one policy, one label budget) is one family of comparisons: every model × region × metric
+(Dice, HD95) with at least ``MIN_CASES`` test cases. Holm's correction runs over that family, and a star needs an
+interval that excludes 0 and a Holm-adjusted Wilcoxon p below ``ALPHA``. With fewer cases a comparison shows its
+mean and ``n too small``, never an interval or a star, in the table, the CSV and the plot alike.
 
 Means leave NaN values out (nnU-Net's policy). Regions keep the order in which they first appear (dataset.json
 order, as ``evaluate_folder`` reports them), except that the BraTS regions are shown as ET, TC, WT like in
@@ -26,30 +33,42 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES, EMPTY_POLICY_DESCRIPTIONS, check_policy
 from nnunet_ext.evaluation.statistics import (
+    ALPHA,
     CONFIDENCE,
+    MIN_CASES,
     N_RESAMPLES,
     SEED,
     PairedComparison,
     case_means,
     compare,
+    holm_family,
     mean_and_std,
     paired_differences,
+    starred,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # dataset.json region name -> the paper's abbreviation, in the paper's column order
 BRATS_REGIONS = {"enhancing tumor": "ET", "tumor core": "TC", "whole tumor": "WT"}
 POLICY_TITLES = {"brats": "BraTS convention", "nan": "nnU-Net convention"}
 CSV_COLUMNS = ("trainer", "model", "labels", "unlabeled", "folds", "repeat", "region", "policy", "dice", "hd95_mm",
                "unlabeled_used", "plans", "norm")
-FILES = {"csv": "results.csv", "table": "results.md", "fig2": "fig2_dice_vs_labels.png",
-         "fig4": "fig4_dice_vs_unlabeled.png", "paired": "fig_paired_dice.png"}
+PAIRED_CSV_COLUMNS = ("policy", "labels", "model", "unlabeled", "region", "metric", "repeats", "pairs", "cases",
+                      "mean", "low", "high", "n_too_small", "p", "p_holm", "star")
+FILES = {"csv": "results.csv", "table": "results.md", "paired_csv": "paired_differences.csv",
+         "fig2": "fig2_dice_vs_labels.png", "fig4": "fig4_dice_vs_unlabeled.png", "paired": "fig_paired_dice.png"}
 BASELINE = "EncDec"
+# metric of the paired tables -> decimals shown
+METRIC_DIGITS = {"dice": 4, "hd95": 2}
 
 
 @dataclass(frozen=True)
@@ -128,6 +147,24 @@ class Pairing:
     baseline: CellKey | None
     repeats: tuple[int, ...]
     missing: str = ""
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """One comparison of a paired table: a model's cell minus its baseline in one region and metric, under one
+    policy, with the Holm-adjusted p of its table (NaN when it has too few cases)."""
+
+    pairing: Pairing
+    policy: str
+    region: str
+    metric: str
+    result: PairedComparison
+    p_holm: float
+
+    @property
+    def starred(self) -> bool:
+        """Whether the interval excludes 0 and the Holm-adjusted p is below ``ALPHA``."""
+        return starred(self.result, self.p_holm)
 
 
 # (cell, repeat, policy, region) -> {case: result}
@@ -284,12 +321,31 @@ def paired_values(index: Index, pairing: Pairing, policy: str, region: str,
                            for by_case in side], dtype=float).reshape(shape) for side in sides)
 
 
-def _interval(result: PairedComparison, digits: int) -> str:
-    """Format mean [low, high] with signs, marked ``*`` when the interval excludes 0."""
+def paired_rows(cases: Sequence[CaseResult], policy: str = "brats", baseline: str = BASELINE) -> list[PairedRow]:
+    """Compare every paired cell with ``baseline`` per region and metric; Holm over each label budget's rows."""
+    index = index_cases(cases)
+    found = [p for p in pairings(index, baseline) if not p.missing]
+    rows = []
+    for budget in dict.fromkeys(p.method.labels for p in found):
+        compared = [(pairing, region, metric, compare(*paired_values(index, pairing, policy, region, metric)))
+                    for pairing in found if pairing.method.labels == budget
+                    for region in region_order(cases) for metric in METRIC_DIGITS]
+        adjusted = holm_family([result for *_, result in compared])
+        rows += [PairedRow(pairing, policy, region, metric, result, float(p))
+                 for (pairing, region, metric, result), p in zip(compared, adjusted)]
+    return rows
+
+
+def _interval(row: PairedRow) -> str:
+    """Format mean [low, high] with signs, marked ``*`` when starred; the mean and ``n too small`` below the
+    minimum of cases."""
+    result, digits = row.result, METRIC_DIGITS[row.metric]
     if math.isnan(result.mean):
         return "n/a"
+    if result.too_few_cases:
+        return f"{result.mean:+.{digits}f} (n too small)"
     text = f"{result.mean:+.{digits}f} [{result.low:+.{digits}f}, {result.high:+.{digits}f}]"
-    return text + " *" if result.excludes_zero else text
+    return text + " *" if row.starred else text
 
 
 def _p_value(p: float) -> str:
@@ -297,36 +353,81 @@ def _p_value(p: float) -> str:
     return "n/a" if math.isnan(p) else "<0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
+def _budget_heading(budget: int, budget_pairings: Sequence[Pairing]) -> str:
+    """The heading of a budget's paired table; it says when intervals cover test cases only (one repeat)."""
+    single = [p for p in budget_pairings if len(p.repeats) == 1]
+    if not single:
+        return f"#### {budget} labels"
+    rows = "one repeat" if len(single) == len(budget_pairings) else "rows with 1 repeat"
+    return (f"#### {budget} labels ({rows}: the interval covers the spread between test cases only, not between "
+            "training runs)")
+
+
+def _family_note(rows: Sequence[PairedRow], baseline: str) -> str:
+    """The line under a budget's table: the size of its Holm family and how many intervals exclude 0 by chance."""
+    tested = [r for r in rows if not math.isnan(r.p_holm)]
+    if not tested:
+        return f"No comparison in this table has {MIN_CASES} or more test cases: no interval, no star."
+    excluding = sum(r.result.excludes_zero for r in tested)
+    return (f"Holm over the {len(tested)} comparisons of this table with intervals; {excluding} of their unadjusted "
+            f"intervals exclude 0, where about {len(tested) * ALPHA:.1f} would by chance alone if no model differed "
+            f"from {baseline}.")
+
+
 def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: str = BASELINE) -> str:
     """Per label budget, the paired differences of every other model's cells to ``baseline`` under one policy."""
     index = index_cases(cases)
     if not any(k[0].model == baseline for k in index):
         return f"No {baseline} cells, so no paired differences (choose the baseline model with --baseline)."
-    regions, used = region_order(cases), _unlabeled_used(cases)
-    confidence = f"{CONFIDENCE:.0%}"
+    used, confidence = _unlabeled_used(cases), f"{CONFIDENCE:.0%}"
     head = ["model", "unlabeled", "region", "repeats", f"ΔDice [{confidence} CI]", "Dice pairs", "Dice p",
-            f"ΔHD95 (mm) [{confidence} CI]", "HD95 pairs", "HD95 p"]
+            "Dice p Holm", f"ΔHD95 (mm) [{confidence} CI]", "HD95 pairs", "HD95 p", "HD95 p Holm"]
     found, blocks = pairings(index, baseline), []
+    rows = {(r.pairing.method, r.region, r.metric): r for r in paired_rows(cases, policy, baseline)}
     for budget in dict.fromkeys(p.method.labels for p in found):
-        lines = [f"#### {budget} labels", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for pairing in (p for p in found if p.method.labels == budget):
+        budget_pairings = [p for p in found if p.method.labels == budget]
+        lines = [_budget_heading(budget, [p for p in budget_pairings if not p.missing]), "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for pairing in budget_pairings:
             start = f"| {pairing.method.model} | {_unlabeled_cell(pairing.method.unlabeled, used[pairing.method])} |"
             if pairing.missing:
-                lines.append(f"{start} – | – | {pairing.missing} | – | – | – | – | – |")
+                lines.append(f"{start} – | – | {pairing.missing} | – | – | – | – | – | – | – |")
                 continue
-            for region in regions:
+            for region in region_order(cases):
                 entries = []
-                for metric, digits in (("dice", 4), ("hd95", 2)):
-                    result = compare(*paired_values(index, pairing, policy, region, metric))
-                    entries += [_interval(result, digits), str(result.n_pairs), _p_value(result.p_value)]
+                for metric in METRIC_DIGITS:
+                    row = rows[pairing.method, region, metric]
+                    entries += [_interval(row), str(row.result.n_pairs), _p_value(row.result.p_value),
+                                "–" if math.isnan(row.p_holm) else _p_value(row.p_holm)]
                 lines.append(f"{start} {region_label(region)} | {len(pairing.repeats)} | " + " | ".join(entries) + " |")
-        blocks.append("\n".join(lines))
+        budget_rows = [r for r in rows.values() if r.pairing.method.labels == budget]
+        blocks.append("\n".join(lines) + ("\n\n" + _family_note(budget_rows, baseline) if budget_rows else ""))
     note = (f"Δ = model − {baseline} on the same test case and repeat (same seed, same labeled subset), mean over "
             "the pairs where both values exist (pairs: their number); for HD95 negative is better. "
             f"{confidence} CI: percentile bootstrap, {N_RESAMPLES} resamples that draw the test cases and the "
-            f"repeats independently with replacement, seed {SEED}; * marks an interval that excludes 0. "
-            "p: two-sided Wilcoxon signed-rank test of the per-case differences averaged over the repeats.")
+            f"repeats independently with replacement, seed {SEED}, not adjusted for the number of comparisons; with "
+            "one repeat it covers the spread between test cases only, not between training runs. "
+            f"An interval needs {MIN_CASES} distinct test cases with a pair (and so {MIN_CASES} pairs); with fewer, "
+            f"however many pairs the repeats add: the mean and `n too small`, no interval and no star (below "
+            f"{MIN_CASES} cases a simulated {confidence} interval "
+            "covered the true difference less than 90 % of the time, docs/study.md). "
+            "p: two-sided Wilcoxon signed-rank test of the per-case differences averaged over the repeats; "
+            "p Holm: adjusted by Holm's method over the comparisons of its table (every model, region and metric "
+            f"with an interval). * marks an interval that excludes 0 whose Holm-adjusted p is below {ALPHA}.")
     return "\n\n".join([*blocks, note])
+
+
+def write_paired_csv(rows: Sequence[PairedRow], path: str) -> str:
+    """Write one CSV line per paired comparison with :data:`PAIRED_CSV_COLUMNS` (unadjusted interval, raw p)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(PAIRED_CSV_COLUMNS)
+        for r in rows:
+            cell, result = r.pairing.method, r.result
+            writer.writerow([r.policy, cell.labels, cell.model, "" if cell.unlabeled is None else cell.unlabeled,
+                             r.region, r.metric, len(r.pairing.repeats), result.n_pairs, result.n_cases, result.mean,
+                             result.low, result.high, result.too_few_cases, result.p_value, r.p_holm, r.starred])
+    return path
 
 
 def markdown_report(cases: Sequence[CaseResult], baseline: str = BASELINE) -> str:
@@ -406,8 +507,20 @@ def plot_dice_vs_unlabeled(rows: Sequence[ResultRow], path: str) -> str | None:
                         f"Test Dice vs number of unlabeled images ({convention}; mean ± std over repeats)", path)
 
 
-def plot_paired_dice(cases: Sequence[CaseResult], path: str, baseline: str = BASELINE) -> str | None:
-    """Per test case ΔDice (model − baseline) of every paired cell, one panel per region; None if none."""
+def _draw_interval(ax: Axes, x: float, row: PairedRow) -> None:
+    """Draw a comparison's interval (with its star) right of its group, or ``n too small`` above it."""
+    result = row.result
+    if result.too_few_cases:
+        ax.text(x, 0.97, "n too small", transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize="small")
+    elif not math.isnan(result.low):
+        ax.errorbar([x + 0.42], [result.mean], yerr=[[result.mean - result.low], [result.high - result.mean]],
+                    fmt="none", ecolor="black", elinewidth=1, capsize=3)
+        if row.starred:
+            ax.text(x + 0.42, result.high, "*", ha="center", va="bottom")
+
+
+def paired_figure(cases: Sequence[CaseResult], baseline: str = BASELINE) -> Figure | None:
+    """The paired plot as a matplotlib ``Figure`` (see :func:`plot_paired_dice`); None if nothing is paired."""
     from matplotlib.figure import Figure
 
     index = index_cases(cases)
@@ -415,6 +528,7 @@ def plot_paired_dice(cases: Sequence[CaseResult], path: str, baseline: str = BAS
     if not found:
         return None
     policy, regions = policy_order(cases)[0], region_order(cases)
+    rows = {(r.pairing.method, r.region): r for r in paired_rows(cases, policy, baseline) if r.metric == "dice"}
     colors = {model: f"C{i}" for i, model in enumerate(dict.fromkeys(p.method.model for p in found))}
     fig = Figure(figsize=(max(7.0, 1.5 + 0.8 * len(found)), 2.8 * len(regions)), layout="constrained")
     axes = fig.subplots(len(regions), 1, squeeze=False)[:, 0]
@@ -430,12 +544,23 @@ def plot_paired_dice(cases: Sequence[CaseResult], path: str, baseline: str = BAS
                 ax.scatter(offsets, repeat, s=6, color=color, alpha=0.3, linewidths=0)
             ax.scatter(offsets, case_means(differences), s=16, color=color)
             ax.hlines(mean_and_std(differences.ravel())[0], x - 0.38, x + 0.38, color="black")
+            _draw_interval(ax, x, rows[pairing.method, region])
         ax.set_xticks(range(len(found)), [f"{_series_name(p.method)}\n{p.method.labels} labels" for p in found],
                       fontsize="small")
         ax.set(title=region_label(region), ylabel=f"ΔDice vs {baseline}")
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"Per test case ΔDice, model − {baseline} ({POLICY_TITLES[policy]})\n"
-                 "faint: one repeat, solid: mean over repeats, bar: mean over all pairs")
+                 "faint: one repeat, solid: mean over repeats, bar: mean over all pairs\n"
+                 f"whisker: its {CONFIDENCE:.0%} interval from {MIN_CASES} test cases on, * as in results.md (Holm)")
+    return fig
+
+
+def plot_paired_dice(cases: Sequence[CaseResult], path: str, baseline: str = BASELINE) -> str | None:
+    """Per test case ΔDice (model − baseline) of every paired cell, one panel per region, with the mean, its
+    interval and star as in the paired table; None if none."""
+    fig = paired_figure(cases, baseline)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=100)
     return path
 
@@ -448,6 +573,8 @@ def write_report(cases: Sequence[CaseResult], folder: str, baseline: str = BASEL
     paths = {kind: os.path.join(folder, name) for kind, name in FILES.items()}
     rows = result_rows(cases)
     write_csv(rows, paths["csv"])
+    write_paired_csv([r for policy in policy_order(cases) for r in paired_rows(cases, policy, baseline)],
+                     paths["paired_csv"])
     with open(paths["table"], "w") as f:
         f.write(markdown_report(cases, baseline) + "\n")
     plot_dice_vs_labels(rows, paths["fig2"])
