@@ -290,3 +290,73 @@ def test_summary_case_results_and_the_demo_table_read_the_summary_as_written(fol
     assert table[0].startswith("| model | labels | unlabeled | Dice ET | Dice TC | Dice WT |")
     et_mean = "0.6667" if policy == "brats" else "0.5000"  # case_c has no ET: 1 (BraTS) or left out (nnU-Net)
     assert table[2].startswith(f"| ssCPCSeg | 6 | 10 | {et_mean} | ")
+
+
+def _cube_area(edge: int) -> float:
+    """Marching-cubes surface area of a cube of ``edge`` voxels at 1 mm: faces, bevelled edges, corner triangles."""
+    return 6 * (edge - 1) ** 2 + 6 * math.sqrt(2) * (edge - 1) + math.sqrt(3)
+
+
+@pytest.fixture
+def lesion_folders(tmp_path):
+    """One case at 1 mm: reference lesions A and B (4³ voxels), prediction A and a far 3³ false positive."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    ref = np.zeros((30, 30, 30), dtype=np.uint8)
+    ref[2:6, 2:6, 2:6] = ref[20:24, 20:24, 20:24] = 1
+    prediction = np.zeros_like(ref)
+    prediction[2:6, 2:6, 2:6] = prediction[12:15, 2:5, 20:23] = 1
+    for array, folder in ((ref, gt), (prediction, pred)):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / "case.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumour": 1},
+                                                       "file_ending": ".nii.gz"}))
+    return gt, pred, tmp_path / "dataset.json"
+
+
+def test_lesionwise_and_nsd_in_the_summary_and_csvs(lesion_folders, tmp_path):
+    gt, pred, dataset_json = lesion_folders
+    out = tmp_path / "out" / "summary.json"
+    result = evaluate.evaluate_folder(gt, pred, dataset_json, out, extra_metrics=["nsd", "lesionwise"])
+    assert result["extra_metrics"] == ["lesionwise", "nsd"]
+    m = result["metric_per_case"][0]["metrics"]["tumour"]
+    assert m["LesionDice"] == pytest.approx(1 / 3)  # lesion A 1, lesion B missed 0, one false positive 0
+    assert m["LesionHD95"] == pytest.approx(2 * 374 / 3)
+    assert (m["n_lesions"], m["n_false_positives"]) == (2, 1)
+    # A's surfaces coincide; B's and the false positive's lie farther than 1 mm from the other mask
+    assert m["NSD"] == pytest.approx(2 * _cube_area(4) / (3 * _cube_area(4) + _cube_area(3)))
+    assert result["summary"]["tumour"]["LesionDice"]["mean"] == pytest.approx(1 / 3)
+    assert result["foreground_mean"]["NSD"] == pytest.approx(m["NSD"])
+    assert "lesion-wise" in result["conventions"]["lesionwise"] and "374.0 mm" in result["conventions"]["lesionwise"]
+    with open(out.with_suffix(".csv")) as f:
+        row = next(csv.DictReader(f))
+    assert float(row["lesion_dice"]) == pytest.approx(1 / 3) and float(row["nsd"]) == pytest.approx(m["NSD"])
+    with open(tmp_path / "out" / "summary_lesions.csv") as f:
+        lesions = [(r["kind"], r["id"], r["voxels"], r["components"], float(r["dice"]), float(r["hd95_mm"]))
+                   for r in csv.DictReader(f)]
+    assert lesions == [("lesion", "1", "64", "1", 1.0, 0.0), ("lesion", "2", "64", "", 0.0, 374.0),
+                       ("false positive", "2", "27", "2", 0.0, 374.0)]
+    assert json.loads(out.read_text())["metric_per_case"][0]["metrics"]["tumour"]["lesions"][2]["voxels"] == 27
+
+
+def test_default_evaluation_is_unchanged_and_the_cli_takes_lesion_parameters(lesion_folders, tmp_path, capsys):
+    gt, pred, dataset_json = lesion_folders
+    plain = evaluate.evaluate_folder(gt, pred, dataset_json, tmp_path / "plain.json")
+    assert set(plain["metric_per_case"][0]["metrics"]["tumour"]) == {"Dice", "HD95", "n_ref", "n_pred"}
+    assert not (tmp_path / "plain_lesions.csv").exists() and "per_lesion_csv" not in plain
+    assert (tmp_path / "plain.csv").read_text().splitlines()[0] == "case,region,dice,hd95_mm,n_ref,n_pred"
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    cli = [str(gt), str(pred), "-djfile", str(dataset_json), "-np", "1", "-o", str(tmp_path / "brats24.json"),
+           "--metrics", "lesionwise", "hd95-surfels", "--lesion-hd95-penalty", "337", "--lesion-ignore-volume", "64"]
+    assert evaluate.run(parser.parse_args(cli)) == 0
+    assert "LesionHD95 (mm) mean±std" in capsys.readouterr().out
+    m = json.loads((tmp_path / "brats24.json").read_text())["metric_per_case"][0]["metrics"]["tumour"]
+    assert (m["LesionDice"], m["LesionHD95"]) == (0.0, 337.0)  # both 64-voxel lesions ignored: only the FP counts
+    assert m["HD95_surfels"] > 0
+    with pytest.raises(FileExistsError, match="brats24_lesions.csv"):
+        (tmp_path / "brats24.json").unlink()
+        (tmp_path / "brats24.csv").unlink()
+        evaluate.run(parser.parse_args(cli))
+    with pytest.raises(ValueError, match="unknown metrics"):
+        evaluate.evaluate_folder(gt, pred, dataset_json, tmp_path / "x.json", extra_metrics=["hd99"])

@@ -1,4 +1,5 @@
-"""Evaluate a folder of predicted label maps against ground truth: Dice and HD95 per case and region.
+"""Evaluate a folder of predicted label maps against ground truth: Dice and HD95 per case and region, and on
+request lesion-wise Dice and HD95 (BraTS 2023), NSD and HD95 with area-weighted surface elements.
 
 Follows ``nnUNetv2_evaluate_folder``: files are matched by name, the file ending comes from dataset.json,
 and both folders hold label maps (predictions of region-trained models are already converted back to
@@ -15,7 +16,9 @@ and reference lie on the same voxel grid (size, spacing, origin, direction withi
 
 Outputs: a JSON summary (default ``PRED_FOLDER/summary_{policy}.json``; ``-o`` must end in .json) and a
 per-case CSV beside it (same path with ``.csv``; one row per case and region: case, region, dice, hd95_mm,
-n_ref, n_pred). The command never replaces either file without ``--overwrite``.
+n_ref, n_pred, then one column per requested extra metric). With ``lesionwise`` a per-lesion CSV goes beside
+them (``summary_{policy}_lesions.csv``; one row per reference lesion and per false-positive component). The
+command never replaces any of them without ``--overwrite``.
 """
 
 import argparse
@@ -23,6 +26,8 @@ import csv
 import json
 import math
 import multiprocessing
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,7 @@ import SimpleITK as sitk
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
+from nnunet_ext.evaluation.lesions import BRATS_2023_GLIOMA, LesionwiseParameters, LesionwiseResult, lesionwise
 from nnunet_ext.evaluation.metrics import (
     DICE_CONVENTION,
     EMPTY_POLICIES,
@@ -38,10 +44,47 @@ from nnunet_ext.evaluation.metrics import (
     check_policy,
     dice,
     hd95,
+    hd95_surfels,
+    nsd,
 )
 from nnunet_ext.images import Geometry, read_image
 
 METRICS = ("Dice", "HD95")
+
+EXTRA_METRICS = {  # --metrics name: the per-case values it adds, summarized like Dice and HD95
+    "lesionwise": ("LesionDice", "LesionHD95"),
+    "nsd": ("NSD",),
+    "hd95-surfels": ("HD95_surfels",),
+}
+
+EXTRA_CSV_COLUMNS = {  # per-case CSV column: per-case value
+    "lesionwise": {"lesion_dice": "LesionDice", "lesion_hd95_mm": "LesionHD95", "n_lesions": "n_lesions",
+                   "n_false_positives": "n_false_positives"},
+    "nsd": {"nsd": "NSD"},
+    "hd95-surfels": {"hd95_surfels_mm": "HD95_surfels"},
+}
+
+LESION_CSV_COLUMNS = ("case", "region", "kind", "id", "voxels", "volume_mm3", "components", "dice", "hd95_mm")
+
+SURFEL_CONVENTION = (
+    "surface elements weighted by area, as DeepMind's surface-distance code (used by BraTS 2023 and MSD): one "
+    "surfel per 2x2x2 cell of voxel centres on the mask boundary (image border outside), area of the cell's "
+    "marching-cubes triangles with the spacing, distances between cell centres (exact Euclidean, mm)"
+)
+
+EXTRA_CONVENTIONS = {
+    "lesionwise": "BraTS 2023 lesion-wise Dice and HD95 (mm): reference dilated {dilation_iterations} times "
+    "(18-neighbour structure), lesions = reference voxels per 26-connected dilated component; every 26-connected "
+    "predicted component touching a dilated lesion counts for it; per lesion Dice and HD95 (surfels) against the "
+    "union of its components, a missed lesion scores 0 and {hd95_penalty_mm} mm; lesions of at most "
+    "{max_ignored_volume_mm3} mm3 are ignored; every unmatched component is a false positive scoring 0 and "
+    "{hd95_penalty_mm} mm; case score = sum / (scored lesions + false positives); none of either: the empty-mask "
+    "policy (brats: 1 and 0)",
+    "nsd": "normalized surface Dice at {nsd_tolerance_mm} mm: area of both surfaces within the tolerance of the "
+    "other / area of both (surfels); empty masks as Dice",
+    "hd95-surfels": "HD95 (mm) with surfels: per direction the smallest distance whose surfels hold 95 % of the "
+    "area (no interpolation), the larger direction; empty masks as HD95",
+}
 
 STATISTICS_CONVENTION = (
     "mean, median and std (population, ddof=0) over cases, NaN values left out (n = number of non-NaN "
@@ -107,6 +150,53 @@ def read_pair(
     return reference, prediction, geometry
 
 
+def check_extra_metrics(extra_metrics: Sequence[str]) -> None:
+    """Raise ValueError for an unknown ``--metrics`` name."""
+    unknown = [m for m in extra_metrics if m not in EXTRA_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {list(EXTRA_METRICS)}")
+
+
+def lesion_rows(result: LesionwiseResult, hd95_penalty_mm: float) -> list[dict]:
+    """One row per reference lesion (kind lesion, or ignored lesion) and per false-positive component."""
+    rows = [
+        {"kind": "lesion" if lesion.scored else "ignored lesion", "id": lesion.lesion_id, "voxels": lesion.voxels,
+         "volume_mm3": lesion.volume_mm3, "components": list(lesion.components), "dice": lesion.dice,
+         "hd95_mm": lesion.hd95}
+        for lesion in result.lesions
+    ]
+    return rows + [
+        {"kind": "false positive", "id": fp.component, "voxels": fp.voxels, "volume_mm3": fp.volume_mm3,
+         "components": [fp.component], "dice": 0.0, "hd95_mm": hd95_penalty_mm}
+        for fp in result.false_positives
+    ]
+
+
+def extra_case_metrics(
+    ref_mask: np.ndarray,
+    pred_mask: np.ndarray,
+    spacing: tuple[float, ...],
+    empty_policy: str,
+    extra_metrics: Sequence[str],
+    nsd_tolerance_mm: float,
+    lesion_parameters: LesionwiseParameters,
+) -> dict:
+    """Return the requested extra metrics of one region: NSD, HD95_surfels, lesion-wise scores and lesions."""
+    values: dict = {}
+    if "nsd" in extra_metrics:
+        values["NSD"] = nsd(pred_mask, ref_mask, spacing, nsd_tolerance_mm, empty_policy)
+    if "hd95-surfels" in extra_metrics:
+        values["HD95_surfels"] = hd95_surfels(pred_mask, ref_mask, spacing, empty_policy)
+    if "lesionwise" in extra_metrics:
+        result = lesionwise(pred_mask, ref_mask, spacing, lesion_parameters, empty_policy)
+        values.update(
+            LesionDice=result.dice, LesionHD95=result.hd95, n_lesions=sum(lesion.scored for lesion in result.lesions),
+            n_false_positives=len(result.false_positives),
+            lesions=lesion_rows(result, lesion_parameters.hd95_penalty_mm),
+        )
+    return values
+
+
 def case_metrics(
     reference: np.ndarray,
     prediction: np.ndarray,
@@ -114,8 +204,11 @@ def case_metrics(
     spacing: tuple[float, ...],
     empty_policy: str = "brats",
     ignore_label: int | None = None,
-) -> dict[str, dict[str, float]]:
-    """Return ``{region: {Dice, HD95, n_ref, n_pred}}`` for one pair of label maps of the same shape."""
+    extra_metrics: Sequence[str] = (),
+    nsd_tolerance_mm: float = 1.0,
+    lesion_parameters: LesionwiseParameters = BRATS_2023_GLIOMA,
+) -> dict[str, dict]:
+    """Return ``{region: {Dice, HD95, n_ref, n_pred, extra metrics}}`` for one pair of label maps of one shape."""
     keep = reference != ignore_label if ignore_label is not None else np.ones(reference.shape, dtype=bool)
     results = {}
     for name, labels in regions.items():
@@ -126,6 +219,8 @@ def case_metrics(
             "HD95": hd95(pred_mask, ref_mask, spacing, empty_policy),
             "n_ref": int(ref_mask.sum()),
             "n_pred": int(pred_mask.sum()),
+            **extra_case_metrics(ref_mask, pred_mask, spacing, empty_policy, extra_metrics, nsd_tolerance_mm,
+                                 lesion_parameters),
         }
     return results
 
@@ -136,6 +231,9 @@ def evaluate_case(
     regions: dict[str, tuple[int, ...]],
     empty_policy: str = "brats",
     ignore_label: int | None = None,
+    extra_metrics: Sequence[str] = (),
+    nsd_tolerance_mm: float = 1.0,
+    lesion_parameters: LesionwiseParameters = BRATS_2023_GLIOMA,
 ) -> dict:
     """Read one reference/prediction pair and return its metrics with the case's files, shape and spacing."""
     reference, prediction, geometry = read_pair(
@@ -147,7 +245,8 @@ def evaluate_case(
         "prediction_file": str(prediction_file),
         "shape": list(reference.shape),
         "spacing": [float(s) for s in spacing],
-        "metrics": case_metrics(reference, prediction, regions, spacing, empty_policy, ignore_label),
+        "metrics": case_metrics(reference, prediction, regions, spacing, empty_policy, ignore_label, extra_metrics,
+                                nsd_tolerance_mm, lesion_parameters),
     }
 
 
@@ -197,14 +296,20 @@ def _statistics(values: list[float], both_empty: list[bool]) -> dict[str, float 
     }
 
 
-def summarize(per_case: list[dict], regions: dict[str, tuple[int, ...]]) -> dict:
+def summarized_metrics(extra_metrics: Sequence[str]) -> tuple[str, ...]:
+    """The per-case values the summary holds statistics of: Dice, HD95, then those of each extra metric."""
+    return METRICS + tuple(m for name in extra_metrics for m in EXTRA_METRICS[name])
+
+
+def summarize(per_case: list[dict], regions: dict[str, tuple[int, ...]], extra_metrics: Sequence[str] = ()) -> dict:
     """Return ``{"summary": {region: {metric: statistics}}, "foreground_mean": {metric: value}}``."""
+    metrics = summarized_metrics(extra_metrics)
     summary = {}
     for name in regions:
         cases = [c["metrics"][name] for c in per_case]
         both_empty = [c["n_ref"] == 0 and c["n_pred"] == 0 for c in cases]
-        summary[name] = {m: _statistics([c[m] for c in cases], both_empty) for m in METRICS}
-    foreground_mean = {m: float(np.mean([summary[r][m]["mean"] for r in regions])) for m in METRICS}
+        summary[name] = {m: _statistics([c[m] for c in cases], both_empty) for m in metrics}
+    foreground_mean = {m: float(np.mean([summary[r][m]["mean"] for r in regions])) for m in metrics}
     return {"summary": summary, "foreground_mean": foreground_mean}
 
 
@@ -220,13 +325,27 @@ def _json_safe(value):
 
 
 def write_per_case_csv(result: dict, path: Path) -> None:
-    """Write one CSV row per case and region: case, region, dice, hd95_mm, n_ref, n_pred."""
+    """Write one CSV row per case and region: case, region, dice, hd95_mm, n_ref, n_pred, extra metrics."""
+    extra = {column: key for name in result["extra_metrics"] for column, key in EXTRA_CSV_COLUMNS[name].items()}
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["case", "region", "dice", "hd95_mm", "n_ref", "n_pred"])
+        writer.writerow(["case", "region", "dice", "hd95_mm", "n_ref", "n_pred", *extra])
         for case in result["metric_per_case"]:
             for region, m in case["metrics"].items():
-                writer.writerow([case["case"], region, m["Dice"], m["HD95"], m["n_ref"], m["n_pred"]])
+                writer.writerow([case["case"], region, m["Dice"], m["HD95"], m["n_ref"], m["n_pred"],
+                                 *(m[key] for key in extra.values())])
+
+
+def write_lesion_csv(result: dict, path: Path) -> None:
+    """Write one CSV row per case, region and lesion or false-positive component (:data:`LESION_CSV_COLUMNS`)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LESION_CSV_COLUMNS)
+        writer.writeheader()
+        for case in result["metric_per_case"]:
+            for region, m in case["metrics"].items():
+                for row in m["lesions"]:
+                    components = " ".join(map(str, row["components"]))
+                    writer.writerow({"case": case["case"], "region": region, **row, "components": components})
 
 
 def load_dataset_json(dataset_json: str | Path | dict) -> dict:
@@ -249,10 +368,16 @@ def load_dataset_json(dataset_json: str | Path | dict) -> dict:
     return content
 
 
+def lesion_csv_path(summary: Path) -> Path:
+    """The per-lesion CSV beside a summary: ``summary_brats.json`` → ``summary_brats_lesions.csv``."""
+    return summary.with_name(f"{summary.stem}_lesions.csv")
+
+
 def output_paths(output_json: str | Path | None, pred_folder: Path, policy: str,
-                 dataset_json: str | Path | dict, overwrite: bool) -> tuple[Path, Path]:
+                 dataset_json: str | Path | dict, overwrite: bool, lesions: bool = False) -> tuple[Path, Path]:
     """(summary JSON, per-case CSV) paths; raise when ``-o`` does not end in .json (its CSV sibling would be the
-    summary itself), names the dataset.json, or, unless ``overwrite``, when either file exists."""
+    summary itself), names the dataset.json, or, unless ``overwrite``, when either file (or, with ``lesions``,
+    the per-lesion CSV) exists."""
     summary = Path(output_json) if output_json is not None else pred_folder / f"summary_{policy}.json"
     if summary.suffix != ".json":
         raise ValueError(f"-o {summary}: the summary is JSON and the per-case CSV is written beside it with .csv, "
@@ -260,7 +385,7 @@ def output_paths(output_json: str | Path | None, pred_folder: Path, policy: str,
     if not isinstance(dataset_json, dict) and summary.resolve() == Path(dataset_json).resolve():
         raise ValueError(f"-o {summary} is the -djfile; choose another path for the summary.")
     per_case = summary.with_suffix(".csv")
-    existing = [str(p) for p in (summary, per_case) if p.exists()]
+    existing = [str(p) for p in (summary, per_case, *([lesion_csv_path(summary)] if lesions else [])) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{' and '.join(existing)} already exist: pass --overwrite to replace "
                               f"{'them' if len(existing) > 1 else 'it'}, or choose another -o.")
@@ -276,24 +401,32 @@ def evaluate_folder(
     num_processes: int = 1,
     chill: bool = False,
     overwrite: bool = True,
+    extra_metrics: Sequence[str] = (),
+    nsd_tolerance_mm: float = 1.0,
+    lesion_parameters: LesionwiseParameters = BRATS_2023_GLIOMA,
 ) -> dict:
     """Evaluate all predictions in ``pred_folder``; write JSON summary and per-case CSV; return the summary.
 
     ``output_json`` defaults to ``pred_folder/summary_{policy}.json`` and must end in .json; the CSV goes to
-    the same path with ``.csv`` (:func:`output_paths`). Existing files are replaced only with ``overwrite``
-    (the default here, where the caller owns the folder; ``nnunet-ext evaluate`` needs ``--overwrite``). The
-    returned dict is the JSON content, except that NaN stays NaN (the file has null).
+    the same path with ``.csv`` (:func:`output_paths`), and with ``lesionwise`` among ``extra_metrics`` the
+    per-lesion CSV to :func:`lesion_csv_path`. Existing files are replaced only with ``overwrite`` (the default
+    here, where the caller owns the folder; ``nnunet-ext evaluate`` needs ``--overwrite``). The returned dict is
+    the JSON content, except that NaN stays NaN (the file has null).
     """
     check_policy(policy)
+    check_extra_metrics(extra_metrics)
+    extra_metrics = [m for m in EXTRA_METRICS if m in extra_metrics]
+    lesions = "lesionwise" in extra_metrics
     gt_folder, pred_folder = Path(gt_folder), Path(pred_folder)
-    output_json, output_csv = output_paths(output_json, pred_folder, policy, dataset_json, overwrite)
+    output_json, output_csv = output_paths(output_json, pred_folder, policy, dataset_json, overwrite, lesions)
     dataset = load_dataset_json(dataset_json)
     file_ending = dataset["file_ending"]
     regions = regions_from_dataset_json(dataset)
     ignore_label = dataset["labels"].get("ignore")
     cases = _match_cases(gt_folder, pred_folder, file_ending, chill)
     jobs = [
-        (gt_folder / f"{c}{file_ending}", pred_folder / f"{c}{file_ending}", regions, policy, ignore_label)
+        (gt_folder / f"{c}{file_ending}", pred_folder / f"{c}{file_ending}", regions, policy, ignore_label,
+         extra_metrics, nsd_tolerance_mm, lesion_parameters)
         for c in cases
     ]
     if num_processes > 1 and len(jobs) > 1:
@@ -311,31 +444,41 @@ def evaluate_folder(
             "region_mask": "np.isin(label_map, region_labels); "
             "voxels with the ignore label in the reference are removed from the prediction",
             "statistics": STATISTICS_CONVENTION,
+            **({"surfels": SURFEL_CONVENTION} if extra_metrics else {}),
+            **{name: EXTRA_CONVENTIONS[name].format(nsd_tolerance_mm=nsd_tolerance_mm, **asdict(lesion_parameters))
+               for name in extra_metrics},
         },
+        "extra_metrics": extra_metrics,
         "gt_folder": str(gt_folder),
         "pred_folder": str(pred_folder),
         "dataset_json": None if isinstance(dataset_json, dict) else str(dataset_json),
         "file_ending": file_ending,
         "summary_json": str(output_json),
         "per_case_csv": str(output_csv),
+        **({"per_lesion_csv": str(lesion_csv_path(output_json))} if lesions else {}),
         "regions": {name: list(labels) for name, labels in regions.items()},
         "num_cases": len(per_case),
-        **summarize(per_case, regions),
+        **summarize(per_case, regions, extra_metrics),
         "metric_per_case": [{"case": c, **r} for c, r in zip(cases, per_case, strict=True)],
     }
     output_json.parent.mkdir(parents=True, exist_ok=True)
     with open(output_json, "w") as f:
         json.dump(_json_safe(result), f, indent=2, allow_nan=False)
     write_per_case_csv(result, output_csv)
+    if lesions:
+        write_lesion_csv(result, lesion_csv_path(output_json))
     return result
 
 
 def format_summary(result: dict) -> str:
-    """Return a small text table of the mean ± std of each region's Dice and HD95."""
-    lines = [f"{'region':<24}{'Dice mean±std':>20}{'HD95 (mm) mean±std':>24}"]
+    """Return a small text table of the mean ± std of each region's metrics (Dice, HD95, then any extras)."""
+    metrics = summarized_metrics(result.get("extra_metrics", ()))
+    labels = (f"{m} (mm) mean±std" if "HD95" in m else f"{m} mean±std" for m in metrics)
+    lines = [f"{'region':<24}" + "".join(f"{label:>26}" for label in labels)]
     for name, stats in result["summary"].items():
-        d, h = stats["Dice"], stats["HD95"]
-        lines.append(f"{name:<24}{d['mean']:>12.4f} ± {d['std']:<6.4f}{h['mean']:>15.2f} ± {h['std']:<6.2f}")
+        cells = (f"{stats[m]['mean']:.4f} ± {stats[m]['std']:.4f}" if "HD95" not in m
+                 else f"{stats[m]['mean']:.2f} ± {stats[m]['std']:.2f}" for m in metrics)
+        lines.append(f"{name:<24}" + "".join(f"{cell:>26}" for cell in cells))
     return "\n".join(lines)
 
 
@@ -367,6 +510,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ". Default: brats",
     )
     parser.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=tuple(EXTRA_METRICS),
+        default=(),
+        help="metrics beyond Dice and HD95: lesionwise (BraTS 2023 lesion-wise Dice and HD95, with a per-lesion CSV "
+        "beside the summary), nsd (normalized surface Dice), hd95-surfels (HD95 with surface elements weighted "
+        "by area, as the challenges compute it). Default: none",
+    )
+    parser.add_argument(
+        "--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm. Default: 1.0"
+    )
+    parser.add_argument(
+        "--lesion-dilation",
+        type=int,
+        default=BRATS_2023_GLIOMA.dilation_iterations,
+        help="lesion-wise: dilation iterations of the reference. Default: %(default)s (BraTS 2023 glioma)",
+    )
+    parser.add_argument(
+        "--lesion-ignore-volume",
+        type=float,
+        default=BRATS_2023_GLIOMA.max_ignored_volume_mm3,
+        help="lesion-wise: reference lesions of at most this volume (mm3) are ignored. Default: %(default)s",
+    )
+    parser.add_argument(
+        "--lesion-hd95-penalty",
+        type=float,
+        default=BRATS_2023_GLIOMA.hd95_penalty_mm,
+        help="lesion-wise: HD95 (mm) of a missed lesion or a false positive. Default: %(default)s",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing summary JSON and per-case CSV (refused by default)",
@@ -380,12 +553,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``nnunet-ext evaluate``: evaluate the folder, print the summary table, return 0."""
+    parameters = LesionwiseParameters(args.lesion_dilation, args.lesion_ignore_volume, args.lesion_hd95_penalty)
     result = evaluate_folder(
         args.gt_folder, args.pred_folder, args.djfile, args.o, args.empty_policy, args.np, args.chill,
-        args.overwrite,
+        args.overwrite, args.metrics, args.nsd_tolerance, parameters,
     )
     print(format_summary(result))
+    per_lesion = f"; per lesion: {result['per_lesion_csv']}" if "per_lesion_csv" in result else ""
     print(
         f"{result['num_cases']} cases; summary: {result['summary_json']}; per case: {result['per_case_csv']}"
+        f"{per_lesion}"
     )
     return 0

@@ -1,4 +1,4 @@
-"""Dice and HD95 of binary masks, with a named policy for empty masks.
+"""Dice, HD95 and normalized surface Dice (NSD) of binary masks, with a named policy for empty masks.
 
 Shapes: ``pred`` and ``ref`` are boolean arrays of the same shape (D spatial axes, e.g. (z, y, x));
 ``spacing`` has D entries in millimetres, in the *array's* axis order (for a SimpleITK image read with
@@ -16,17 +16,25 @@ HD95 = max(P95(pred→ref), P95(ref→pred)), percentiles by ``numpy.percentile`
 This is the "max of directed 95th percentiles" of MONAI's ``compute_hausdorff_distance(percentile=95)``;
 MedPy's ``hd95`` (same surfaces) instead takes the 95th percentile of both directions pooled.
 
+``hd95_surfels`` and ``nsd`` (3D only) weight surface elements by their area instead of counting voxels, as
+DeepMind's surface-distance code does, which the BraTS 2023 metrics and MSD use (:mod:`.surfaces`). NSD at
+tolerance τ mm: the fraction of both surfaces' area within τ of the other surface.
+
 Empty-mask policies (``empty_policy``):
 
 - ``"brats"`` (BraTS challenge convention, default): both empty → Dice 1, HD95 0; exactly one empty →
   Dice 0, HD95 = image diagonal ``sqrt(Σ (shape_i · spacing_i)²)`` (373.13 mm for 240×240×155 at 1 mm).
 - ``"nan"`` (nnU-Net convention): both empty → Dice NaN, HD95 NaN; exactly one empty → Dice 0, HD95 NaN.
+
+NSD follows Dice under both policies (both empty: 1 or NaN; exactly one empty: 0).
 """
 
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from nnunet_ext.evaluation.surfaces import robust_hausdorff, surface_dice, surfel_distances
 
 EMPTY_POLICIES = ("brats", "nan")
 
@@ -105,6 +113,21 @@ def surface_distances(
     return to_ref[pred_surface], to_pred[ref_surface]
 
 
+def _check_distance_arguments(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], empty_policy: str) -> None:
+    """Raise ValueError for an unknown policy, masks of different shapes, or a spacing of another dimension."""
+    check_policy(empty_policy)
+    _check_pair(pred, ref)
+    if len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} needs one entry per mask axis ({pred.ndim})")
+
+
+def _empty_distance(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], empty_policy: str) -> float:
+    """Return the HD95 the policy gives when a mask is empty (0, image diagonal or NaN)."""
+    if empty_policy == "nan":
+        return float("nan")
+    return 0.0 if not pred.any() and not ref.any() else image_diagonal_mm(pred.shape, spacing)
+
+
 def hd95(
     pred: np.ndarray,
     ref: np.ndarray,
@@ -113,14 +136,30 @@ def hd95(
     connectivity: int = 1,
 ) -> float:
     """Return the 95th-percentile Hausdorff distance (mm) of two boolean masks (see module docstring)."""
-    check_policy(empty_policy)
-    _check_pair(pred, ref)
-    if len(spacing) != pred.ndim:
-        raise ValueError(f"spacing {tuple(spacing)} needs one entry per mask axis ({pred.ndim})")
-    pred_empty, ref_empty = not pred.any(), not ref.any()
-    if pred_empty or ref_empty:
-        if empty_policy == "nan":
-            return float("nan")
-        return 0.0 if pred_empty and ref_empty else image_diagonal_mm(pred.shape, spacing)
+    _check_distance_arguments(pred, ref, spacing, empty_policy)
+    if not pred.any() or not ref.any():
+        return _empty_distance(pred, ref, spacing, empty_policy)
     forward, backward = surface_distances(pred, ref, spacing, connectivity)
     return float(max(np.percentile(forward, 95), np.percentile(backward, 95)))
+
+
+def hd95_surfels(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], empty_policy: str = "brats") -> float:
+    """Return the HD95 (mm) of two boolean 3D masks with surface elements weighted by area (challenge code)."""
+    _check_distance_arguments(pred, ref, spacing, empty_policy)
+    if not pred.any() or not ref.any():
+        return _empty_distance(pred, ref, spacing, empty_policy)
+    return robust_hausdorff(surfel_distances(pred, ref, tuple(spacing)), 95.0)
+
+
+def nsd(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float],
+    tolerance_mm: float = 1.0,
+    empty_policy: str = "brats",
+) -> float:
+    """Return the normalized surface Dice of two boolean 3D masks at ``tolerance_mm`` (area-weighted surfels)."""
+    _check_distance_arguments(pred, ref, spacing, empty_policy)
+    if not pred.any() or not ref.any():
+        return dice(pred, ref, empty_policy)
+    return surface_dice(surfel_distances(pred, ref, tuple(spacing)), tolerance_mm)
