@@ -138,6 +138,7 @@ class Study:
     output: str
     folds: list[int]
     num_gpus: int | None = None
+    metrics: tuple[str, ...] = ()  # ``nnunet-ext evaluate --metrics`` beyond Dice and HD95
 
     def fold_tag(self) -> str:
         """The fold set as a folder name, e.g. ``folds_0_1``."""
@@ -152,8 +153,16 @@ class Study:
         return os.path.join(self.prediction_folder(cell), f"summary_{policy}.json")
 
     def is_evaluated(self, cell: Cell) -> bool:
-        """True when the cell's predictions are evaluated under every empty-mask convention."""
-        return all(os.path.isfile(self.summary_path(cell, policy)) for policy in EMPTY_POLICIES)
+        """True when the cell's predictions are evaluated under every empty-mask convention with every metric."""
+        return all(os.path.isfile(self.summary_path(cell, policy)) and self.has_metrics(self.summary_path(cell, policy))
+                   for policy in EMPTY_POLICIES)
+
+    def has_metrics(self, summary: str) -> bool:
+        """True when a summary holds every metric of ``metrics`` (an earlier evaluation may lack some)."""
+        if not self.metrics:
+            return True
+        with open(summary) as f:
+            return set(self.metrics) <= set(json.load(f).get("extra_metrics", []))
 
     def pending_folds(self, cell: Cell) -> list[int]:
         """The folds of the cell that have not finished training."""
@@ -178,7 +187,8 @@ class Study:
         """``nnunet-ext evaluate`` of the cell's predictions, one per empty-mask convention."""
         return [["nnunet-ext", "evaluate", os.path.join(self.raw, "labelsTs"), self.prediction_folder(cell),
                  "-djfile", os.path.join(self.raw, "dataset.json"), "-o", self.summary_path(cell, policy), "-np",
-                 "1", "--empty-policy", policy] for policy in EMPTY_POLICIES]
+                 "1", "--empty-policy", policy, *(["--metrics", *self.metrics] if self.metrics else [])]
+                for policy in EMPTY_POLICIES]
 
 
 def run_cell(study: Study, cell: Cell, progress: str) -> dict:
@@ -205,7 +215,8 @@ def run_cell(study: Study, cell: Cell, progress: str) -> dict:
         log_path = None
         for policy in EMPTY_POLICIES:
             evaluate_folder(os.path.join(study.raw, "labelsTs"), study.prediction_folder(cell),
-                            os.path.join(study.raw, "dataset.json"), study.summary_path(cell, policy), policy)
+                            os.path.join(study.raw, "dataset.json"), study.summary_path(cell, policy), policy,
+                            extra_metrics=study.metrics)
     except Exception as error:  # one failing cell must not stop the grid
         log(f"{cell.trainer}: FAILED: {error}" + (f" (log: {log_path})" if log_path else ""), progress)
         return {"state": "failed", "error": str(error), "log": log_path}
@@ -428,6 +439,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--plans", default=None, help=f"plans identifier (default {DEFAULTS['plans']})")
     parser.add_argument("-c", "--configuration", default=None,
                         help=f"configuration (default {DEFAULTS['configuration']})")
+    parser.add_argument("--metrics", nargs="+", default=[],
+                        help="evaluate also these metrics of nnunet-ext evaluate --metrics (lesionwise, nsd, "
+                             "hd95-surfels; docs/metrics.md); Table 1, results.csv and the paired tables gain them")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help=f"device (default {DEFAULTS['device']})")
     parser.add_argument("--num-gpus", type=positive_int, default=None,
@@ -595,7 +609,11 @@ def make_study(args: argparse.Namespace) -> Study:
     output = os.path.abspath(args.output or os.path.join(env["nnUNet_results"], name, "study"))
     experiment = Experiment(args.d, name, env, os.path.join(output, "logs"), args.plans, args.configuration,
                             args.device)
-    study = Study(experiment, raw, output, list(dict.fromkeys(args.folds)), args.num_gpus)
+    from nnunet_ext.evaluation.evaluate import check_extra_metrics
+
+    check_extra_metrics(args.metrics)
+    study = Study(experiment, raw, output, list(dict.fromkeys(args.folds)), args.num_gpus,
+                  tuple(dict.fromkeys(args.metrics)))
     check_dataset(study)
     return study
 

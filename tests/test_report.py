@@ -357,3 +357,24 @@ def test_one_unlabeled_count_gives_no_fig4(tmp_path):
 def test_no_cases_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no case results"):
         write_report([], str(tmp_path))
+
+
+def test_optional_metrics_join_the_csv_table1_and_paired_tables_only_when_present(cases, tmp_path):
+    plain_head = markdown_table(cases).splitlines()[0]
+    extra = [replace(c, lesion_dice=c.dice - 0.1, lesion_hd95=c.hd95 + 5, nsd=c.dice / 2) for c in cases]
+    paths = write_report(extra, str(tmp_path))
+    with open(paths["csv"], newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == (*CSV_COLUMNS, "lesion_dice", "lesion_hd95_mm", "nsd")
+        et = next(r for r in reader if r["trainer"] == "EncDecTrainer_6labels" and r["region"] == "enhancing tumor")
+    assert float(et["lesion_dice"]) == pytest.approx(0.7412) and float(et["nsd"]) == pytest.approx(0.4206)
+    head = markdown_table(extra).splitlines()[0]
+    assert head.startswith(plain_head.rsplit(" | repeats", 1)[0] + " | lesion-wise Dice ET | lesion-wise Dice TC | ")
+    assert "| lesion-wise HD95 WT (mm) | NSD ET | NSD TC | NSD WT | repeats |" in head
+    row = next(line for line in markdown_table(extra).splitlines() if line.startswith("| ssCPCSeg | 6 "))
+    assert "| 0.7873 | 0.7761 | 0.8151 | 13.71 | 21.09 | 17.40 | 0.4436 |" in row
+    paired = paired_tables(extra)
+    assert "Δlesion-wise Dice [95% CI] | lesion-wise Dice pairs |" in paired and "ΔNSD [95% CI]" in paired
+    assert "lesion-wise" not in paired_tables(cases)
+    nsd_only = [replace(c, nsd=0.5) for c in cases]  # a metric no case holds stays out
+    assert "lesion-wise" not in markdown_table(nsd_only) and "NSD ET" in markdown_table(nsd_only)

@@ -582,3 +582,26 @@ def test_tiny_real_grid_through_the_cli(tiny_dataset, tmp_path):
     assert "nnUNetv2_train" not in second.stdout and "nnUNetv2_predict" not in second.stdout
     assert second.stdout.count("already trained, skipping") == 4
     assert [os.path.getmtime(c) for c in checkpoints] == mtimes
+
+
+def test_metrics_option_evaluates_them_into_the_tables_and_a_later_run_adds_missing_ones(fake_nnunet, capsys):
+    grid = ("--trainers", "EncDec", "--labels", "2", "--folds", "0")
+    assert study(*grid, "--metrics", "nsd") == 0
+    summary = json.loads((fake_nnunet.output / "predictions" / "EncDecTrainer_2labels" / "folds_0" /
+                          "summary_brats.json").read_text())
+    assert summary["extra_metrics"] == ["nsd"]
+    assert "| NSD ET | NSD TC | NSD WT |" in (fake_nnunet.output / "results.md").read_text()
+    fake_nnunet.calls.clear()
+    assert study(*grid, "--metrics", "lesionwise", "nsd") == 0  # the summaries lack lesion-wise: evaluated again
+    assert [c[0] for c in fake_nnunet.calls] == ["nnUNetv2_predict"]  # --continue_prediction keeps the files
+    table = (fake_nnunet.output / "results.md").read_text()
+    assert "| lesion-wise Dice ET | lesion-wise Dice TC |" in table
+    with open(fake_nnunet.output / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # every lesion has at most 27 mm3, so none is scored: 1 under BraTS's convention, NaN under nnU-Net's
+    assert {(r["policy"], r["lesion_dice"], r["nsd"]) for r in rows} == {("brats", "1.0", "1.0"), ("nan", "nan", "1.0")}
+    assert (fake_nnunet.output / "predictions" / "EncDecTrainer_2labels" / "folds_0" /
+            "summary_brats_lesions.csv").is_file()
+    assert study(*grid, "--metrics", "hd99") == 2
+    assert "unknown metrics ['hd99']" in capsys.readouterr().err
+    assert study(*grid, "--metrics", "nsd", "--dispatch", "print") == 0

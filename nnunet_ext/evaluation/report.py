@@ -2,8 +2,11 @@
 
 Input is a list of :class:`CaseResult`: Dice and HD95 (mm) of one test case and region, predicted by the
 fold ensemble of one repeat of one trained cell, under one empty-mask policy (``brats`` or ``nan``, see
-``metrics``). A cell is (model, label budget, unlabeled count, folds); its repeats (seed K = 0..R−1, each
-with its own labeled subset) are told apart by ``repeat`` and may have different trainer names. From it:
+``metrics``), and the optional metrics of summaries evaluated with ``--metrics`` (lesion-wise Dice and HD95, NSD;
+:data:`OPTIONAL_METRICS`). An optional metric that some result holds joins the CSV, Table 1 and the paired tables
+(and so their Holm families); without them every output is as before. A cell is (model, label budget, unlabeled
+count, folds); its repeats (seed K = 0..R−1, each with its own labeled subset) are told apart by ``repeat`` and
+may have different trainer names. From it:
 
 - ``results.csv``: one :class:`ResultRow` per cell × repeat × policy × region, the mean over the test cases.
 - ``results.md``: per policy, Table 1 (mean ± sample std over the repeats of those means, the std only with
@@ -68,7 +71,13 @@ FILES = {"csv": "results.csv", "table": "results.md", "paired_csv": "paired_diff
          "fig2": "fig2_dice_vs_labels.png", "fig4": "fig4_dice_vs_unlabeled.png", "paired": "fig_paired_dice.png"}
 BASELINE = "EncDec"
 # metric of the paired tables -> decimals shown
-METRIC_DIGITS = {"dice": 4, "hd95": 2}
+METRIC_DIGITS = {"dice": 4, "hd95": 2, "lesion_dice": 4, "lesion_hd95": 2, "nsd": 4}
+# metrics that only summaries evaluated with ``--metrics`` hold: CaseResult field -> (summary key, CSV column)
+OPTIONAL_METRICS = {"lesion_dice": ("LesionDice", "lesion_dice"), "lesion_hd95": ("LesionHD95", "lesion_hd95_mm"),
+                    "nsd": ("NSD", "nsd")}
+# metric -> its name in table headings
+METRIC_NAMES = {"dice": "Dice", "hd95": "HD95", "lesion_dice": "lesion-wise Dice", "lesion_hd95": "lesion-wise HD95",
+                "nsd": "NSD"}
 
 
 @dataclass(frozen=True)
@@ -95,19 +104,23 @@ class CaseResult:
     unlabeled_used: tuple[int, ...] = ()
     plans: str = ""
     norm: str = ""
+    lesion_dice: float = math.nan
+    lesion_hd95: float = math.nan
+    nsd: float = math.nan
 
 
 def summary_case_results(summary: dict, trainer: str, model: str, labels: int, unlabeled: int | None,
                          folds: Sequence[int], repeat: int = 0, unlabeled_used: Sequence[int] = (), plans: str = "",
                          norm: str = "") -> list[CaseResult]:
     """The :class:`CaseResult` of every test case and region in one ``evaluate_folder`` summary (its policy); a
-    metric the JSON wrote as null (NaN) is NaN."""
+    metric the JSON wrote as null (NaN), or that the summary lacks (:data:`OPTIONAL_METRICS`), is NaN."""
     def value(v: float | None) -> float:
         return math.nan if v is None else float(v)
 
     policy = summary["conventions"]["empty_policy"]
     return [CaseResult(trainer, model, labels, unlabeled, tuple(folds), repeat, c["case"], region, policy,
-                       value(m["Dice"]), value(m["HD95"]), tuple(unlabeled_used), plans, norm)
+                       value(m["Dice"]), value(m["HD95"]), tuple(unlabeled_used), plans, norm,
+                       **{field: value(m.get(key)) for field, (key, _) in OPTIONAL_METRICS.items()})
             for c in summary["metric_per_case"] for region, m in c["metrics"].items()]
 
 
@@ -128,6 +141,9 @@ class ResultRow:
     unlabeled_used: tuple[int, ...] = ()
     plans: str = ""
     norm: str = ""
+    lesion_dice: float = math.nan
+    lesion_hd95: float = math.nan
+    nsd: float = math.nan
 
 
 class CellKey(NamedTuple):
@@ -193,6 +209,11 @@ def policy_order(results: Sequence[CaseResult | ResultRow]) -> list[str]:
     return [p for p in EMPTY_POLICIES if p in present]
 
 
+def metrics_present(results: Sequence[CaseResult | ResultRow]) -> list[str]:
+    """Dice, HD95, then the optional metrics that some result holds (not NaN), in :data:`METRIC_DIGITS` order."""
+    return ["dice", "hd95", *(m for m in OPTIONAL_METRICS if any(not math.isnan(getattr(r, m)) for r in results))]
+
+
 def index_cases(cases: Sequence[CaseResult]) -> Index:
     """Group the results by cell, repeat, policy and region, then case; refuse unknown policies and duplicates."""
     index: Index = {}
@@ -215,22 +236,24 @@ def result_rows(cases: Sequence[CaseResult]) -> list[ResultRow]:
     rows = []
     for cell, repeat, policy, region in keys:
         results = list(index[cell, repeat, policy, region].values())
-        rows.append(ResultRow(results[0].trainer, *cell, repeat, region, policy,
-                              mean_and_std([r.dice for r in results])[0], mean_and_std([r.hd95 for r in results])[0],
-                              results[0].unlabeled_used, results[0].plans, results[0].norm))
+        means = {m: mean_and_std([getattr(r, m) for r in results])[0] for m in METRIC_DIGITS}
+        first = results[0]
+        rows.append(ResultRow(first.trainer, *cell, repeat, region, policy, unlabeled_used=first.unlabeled_used,
+                              plans=first.plans, norm=first.norm, **means))
     return rows
 
 
 def write_csv(rows: Sequence[ResultRow], path: str) -> str:
-    """Write one CSV line per row with :data:`CSV_COLUMNS` (folds and per-fold counts space-separated,
-    None and unknown plans as empty)."""
+    """Write one CSV line per row with :data:`CSV_COLUMNS`, then a column per optional metric present (folds and
+    per-fold counts space-separated, None and unknown plans as empty)."""
+    optional = metrics_present(rows)[2:]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow([*CSV_COLUMNS, *(OPTIONAL_METRICS[m][1] for m in optional)])
         for r in rows:
             writer.writerow([r.trainer, r.model, r.labels, "" if r.unlabeled is None else r.unlabeled,
                              " ".join(map(str, r.folds)), r.repeat, r.region, r.policy, r.dice, r.hd95,
-                             " ".join(map(str, r.unlabeled_used)), r.plans, r.norm])
+                             " ".join(map(str, r.unlabeled_used)), r.plans, r.norm, *(getattr(r, m) for m in optional)])
     return path
 
 
@@ -271,18 +294,19 @@ def _unlabeled_used(results: Sequence[CaseResult | ResultRow]) -> dict[CellKey, 
 
 
 def markdown_table(cases: Sequence[CaseResult], policy: str = "brats") -> str:
-    """Table 1 of the paper under one policy: per cell Dice then HD95 (mm) per region, mean ± std over repeats, then
-    the number of repeats and the plans (norm) the cell trained with."""
+    """Table 1 of the paper under one policy: per cell Dice then HD95 (mm) per region (then any optional metric),
+    mean ± std over repeats, then the number of repeats and the plans (norm) the cell trained with."""
     rows = [r for r in result_rows(cases) if r.policy == policy]
-    regions = region_order(cases)
-    head = ["model", "labels", "unlabeled", *(f"Dice {region_label(g)}" for g in regions),
-            *(f"HD95 {region_label(g)} (mm)" for g in regions), "repeats", "plans (norm)"]
+    regions, metrics = region_order(cases), metrics_present(cases)
+    head = ["model", "labels", "unlabeled",
+            *(f"{METRIC_NAMES[m]} {region_label(g)}{' (mm)' if 'hd95' in m else ''}" for m in metrics for g in regions),
+            "repeats", "plans (norm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     used = _unlabeled_used(rows)
     for cell in dict.fromkeys(map(cell_of, rows)):
         cell_rows = [r for r in rows if cell_of(r) == cell]
-        values = ([_mean_std([r.dice for r in cell_rows if r.region == g], 4) for g in regions]
-                  + [_mean_std([r.hd95 for r in cell_rows if r.region == g], 2) for g in regions])
+        values = [_mean_std([getattr(r, m) for r in cell_rows if r.region == g], METRIC_DIGITS[m])
+                  for m in metrics for g in regions]
         repeats = len({r.repeat for r in cell_rows})
         lines.append(f"| {cell.model} | {cell.labels} | {_unlabeled_cell(cell.unlabeled, used[cell])} | "
                      + " | ".join(values) + f" | {repeats} | {_plans_cell(cell_rows)} |")
@@ -329,7 +353,7 @@ def paired_rows(cases: Sequence[CaseResult], policy: str = "brats", baseline: st
     for budget in dict.fromkeys(p.method.labels for p in found):
         compared = [(pairing, region, metric, compare(*paired_values(index, pairing, policy, region, metric)))
                     for pairing in found if pairing.method.labels == budget
-                    for region in region_order(cases) for metric in METRIC_DIGITS]
+                    for region in region_order(cases) for metric in metrics_present(cases)]
         adjusted = holm_family([result for *_, result in compared])
         rows += [PairedRow(pairing, policy, region, metric, result, float(p))
                  for (pairing, region, metric, result), p in zip(compared, adjusted)]
@@ -379,9 +403,12 @@ def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: 
     index = index_cases(cases)
     if not any(k[0].model == baseline for k in index):
         return f"No {baseline} cells, so no paired differences (choose the baseline model with --baseline)."
-    used, confidence = _unlabeled_used(cases), f"{CONFIDENCE:.0%}"
-    head = ["model", "unlabeled", "region", "repeats", f"ΔDice [{confidence} CI]", "Dice pairs", "Dice p",
-            "Dice p Holm", f"ΔHD95 (mm) [{confidence} CI]", "HD95 pairs", "HD95 p", "HD95 p Holm"]
+    used, confidence, metrics = _unlabeled_used(cases), f"{CONFIDENCE:.0%}", metrics_present(cases)
+    head = ["model", "unlabeled", "region", "repeats"]
+    for m in metrics:
+        name = METRIC_NAMES[m]
+        head += [f"Δ{name}{' (mm)' if 'hd95' in m else ''} [{confidence} CI]", f"{name} pairs", f"{name} p",
+                 f"{name} p Holm"]
     found, blocks = pairings(index, baseline), []
     rows = {(r.pairing.method, r.region, r.metric): r for r in paired_rows(cases, policy, baseline)}
     for budget in dict.fromkeys(p.method.labels for p in found):
@@ -391,11 +418,12 @@ def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: 
         for pairing in budget_pairings:
             start = f"| {pairing.method.model} | {_unlabeled_cell(pairing.method.unlabeled, used[pairing.method])} |"
             if pairing.missing:
-                lines.append(f"{start} – | – | {pairing.missing} | – | – | – | – | – | – | – |")
+                lines.append(f"{start} " + " | ".join(["–", "–", pairing.missing, *["–"] * (4 * len(metrics) - 1)])
+                             + " |")
                 continue
             for region in region_order(cases):
                 entries = []
-                for metric in METRIC_DIGITS:
+                for metric in metrics:
                     row = rows[pairing.method, region, metric]
                     entries += [_interval(row), str(row.result.n_pairs), _p_value(row.result.p_value),
                                 "–" if math.isnan(row.p_holm) else _p_value(row.p_holm)]
