@@ -336,7 +336,13 @@ def test_lesionwise_and_nsd_in_the_summary_and_csvs(lesion_folders, tmp_path):
                    for r in csv.DictReader(f)]
     assert lesions == [("lesion", "1", "64", "1", 1.0, 0.0), ("lesion", "2", "64", "", 0.0, 374.0),
                        ("false positive", "2", "27", "2", 0.0, 374.0)]
-    assert json.loads(out.read_text())["metric_per_case"][0]["metrics"]["tumour"]["lesions"][2]["voxels"] == 27
+    saved = json.loads(out.read_text())
+    assert saved["metric_per_case"][0]["metrics"]["tumour"]["lesions"][2]["voxels"] == 27
+    from nnunet_ext.evaluation.report import summary_case_results
+
+    (case,) = summary_case_results(saved, "EncDecTrainer_6labels", "EncDec", 6, None, (0,))
+    assert case.lesion_dice == pytest.approx(1 / 3) and case.nsd == pytest.approx(m["NSD"])
+    assert math.isnan(case.hd95_surfels)  # not asked for
 
 
 def test_default_evaluation_is_unchanged_and_the_cli_takes_lesion_parameters(lesion_folders, tmp_path, capsys):

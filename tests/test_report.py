@@ -378,3 +378,5 @@ def test_optional_metrics_join_the_csv_table1_and_paired_tables_only_when_presen
     assert "lesion-wise" not in paired_tables(cases)
     nsd_only = [replace(c, nsd=0.5) for c in cases]  # a metric no case holds stays out
     assert "lesion-wise" not in markdown_table(nsd_only) and "NSD ET" in markdown_table(nsd_only)
+    surfels = [replace(c, hd95_surfels=c.hd95 - 1) for c in cases]
+    assert "| HD95 surfels ET (mm) | HD95 surfels TC (mm) | HD95 surfels WT (mm) | repeats |" in markdown_table(surfels)

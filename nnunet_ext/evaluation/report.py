@@ -2,11 +2,11 @@
 
 Input is a list of :class:`CaseResult`: Dice and HD95 (mm) of one test case and region, predicted by the
 fold ensemble of one repeat of one trained cell, under one empty-mask policy (``brats`` or ``nan``, see
-``metrics``), and the optional metrics of summaries evaluated with ``--metrics`` (lesion-wise Dice and HD95, NSD;
-:data:`OPTIONAL_METRICS`). An optional metric that some result holds joins the CSV, Table 1 and the paired tables
-(and so their Holm families); without them every output is as before. A cell is (model, label budget, unlabeled
-count, folds); its repeats (seed K = 0..R−1, each with its own labeled subset) are told apart by ``repeat`` and
-may have different trainer names. From it:
+``metrics``), and the optional metrics of summaries evaluated with ``--metrics`` (lesion-wise Dice and HD95, NSD,
+HD95 with surfels; :data:`OPTIONAL_METRICS`). An optional metric that some result holds joins the CSV, Table 1
+and the paired tables (and so their Holm families); without them every output is as before. A cell is (model,
+label budget, unlabeled count, folds); its repeats (seed K = 0..R−1, each with its own labeled subset) are told
+apart by ``repeat`` and may have different trainer names. From it:
 
 - ``results.csv``: one :class:`ResultRow` per cell × repeat × policy × region, the mean over the test cases.
 - ``results.md``: per policy, Table 1 (mean ± sample std over the repeats of those means, the std only with
@@ -71,13 +71,13 @@ FILES = {"csv": "results.csv", "table": "results.md", "paired_csv": "paired_diff
          "fig2": "fig2_dice_vs_labels.png", "fig4": "fig4_dice_vs_unlabeled.png", "paired": "fig_paired_dice.png"}
 BASELINE = "EncDec"
 # metric of the paired tables -> decimals shown
-METRIC_DIGITS = {"dice": 4, "hd95": 2, "lesion_dice": 4, "lesion_hd95": 2, "nsd": 4}
+METRIC_DIGITS = {"dice": 4, "hd95": 2, "lesion_dice": 4, "lesion_hd95": 2, "nsd": 4, "hd95_surfels": 2}
 # metrics that only summaries evaluated with ``--metrics`` hold: CaseResult field -> (summary key, CSV column)
 OPTIONAL_METRICS = {"lesion_dice": ("LesionDice", "lesion_dice"), "lesion_hd95": ("LesionHD95", "lesion_hd95_mm"),
-                    "nsd": ("NSD", "nsd")}
+                    "nsd": ("NSD", "nsd"), "hd95_surfels": ("HD95_surfels", "hd95_surfels_mm")}
 # metric -> its name in table headings
 METRIC_NAMES = {"dice": "Dice", "hd95": "HD95", "lesion_dice": "lesion-wise Dice", "lesion_hd95": "lesion-wise HD95",
-                "nsd": "NSD"}
+                "nsd": "NSD", "hd95_surfels": "HD95 surfels"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class CaseResult:
     lesion_dice: float = math.nan
     lesion_hd95: float = math.nan
     nsd: float = math.nan
+    hd95_surfels: float = math.nan
 
 
 def summary_case_results(summary: dict, trainer: str, model: str, labels: int, unlabeled: int | None,
@@ -144,6 +145,7 @@ class ResultRow:
     lesion_dice: float = math.nan
     lesion_hd95: float = math.nan
     nsd: float = math.nan
+    hd95_surfels: float = math.nan
 
 
 class CellKey(NamedTuple):
