@@ -473,12 +473,16 @@ def evaluate_folder(
 def format_summary(result: dict) -> str:
     """Return a small text table of the mean ± std of each region's metrics (Dice, HD95, then any extras)."""
     metrics = summarized_metrics(result.get("extra_metrics", ()))
-    labels = (f"{m} (mm) mean±std" if "HD95" in m else f"{m} mean±std" for m in metrics)
-    lines = [f"{'region':<24}" + "".join(f"{label:>26}" for label in labels)]
+    header = f"{'region':<24}"
+    for m in metrics:
+        header += f"{m + ' (mm) mean±std':>24}" if "HD95" in m else f"{m + ' mean±std':>20}"
+    lines = [header]
     for name, stats in result["summary"].items():
-        cells = (f"{stats[m]['mean']:.4f} ± {stats[m]['std']:.4f}" if "HD95" not in m
-                 else f"{stats[m]['mean']:.2f} ± {stats[m]['std']:.2f}" for m in metrics)
-        lines.append(f"{name:<24}" + "".join(f"{cell:>26}" for cell in cells))
+        line = f"{name:<24}"
+        for m in metrics:
+            mean, std = stats[m]["mean"], stats[m]["std"]
+            line += f"{mean:>15.2f} ± {std:<6.2f}" if "HD95" in m else f"{mean:>12.4f} ± {std:<6.4f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
