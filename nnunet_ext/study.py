@@ -184,10 +184,11 @@ class Study:
                                                self.prediction_folder(cell))
 
     def evaluate_commands(self, cell: Cell) -> list[list[str]]:
-        """``nnunet-ext evaluate`` of the cell's predictions, one per empty-mask convention."""
+        """``nnunet-ext evaluate`` of the cell's predictions, one per empty-mask convention (with ``metrics``
+        replacing a summary that lacks them)."""
         return [["nnunet-ext", "evaluate", os.path.join(self.raw, "labelsTs"), self.prediction_folder(cell),
                  "-djfile", os.path.join(self.raw, "dataset.json"), "-o", self.summary_path(cell, policy), "-np",
-                 "1", "--empty-policy", policy, *(["--metrics", *self.metrics] if self.metrics else [])]
+                 "1", "--empty-policy", policy, *(["--metrics", *self.metrics, "--overwrite"] if self.metrics else [])]
                 for policy in EMPTY_POLICIES]
 
 

@@ -604,4 +604,6 @@ def test_metrics_option_evaluates_them_into_the_tables_and_a_later_run_adds_miss
             "summary_brats_lesions.csv").is_file()
     assert study(*grid, "--metrics", "hd99") == 2
     assert "unknown metrics ['hd99']" in capsys.readouterr().err
-    assert study(*grid, "--metrics", "nsd", "--dispatch", "print") == 0
+    assert study(*grid, "--metrics", "hd95-surfels", "--dispatch", "print") == 0  # the summaries lack it
+    evaluations = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nnunet-ext evaluate")]
+    assert len(evaluations) == 2 and all(line.endswith("--metrics hd95-surfels --overwrite") for line in evaluations)
