@@ -127,12 +127,12 @@ def lesionwise(
         lesion = ref[box] & (lesion_labels[box] == lesion_id)
         matched = np.isin(pred_labels[box], components)
         lesions.append(_lesion(lesion_id, lesion, matched, components, spacing, parameters))
-    matched = {c for lesion in lesions for c in lesion.components}
+    counted = {c for lesion in lesions for c in lesion.components}
     sizes = np.bincount(pred_labels.ravel(), minlength=n_components + 1)
     false_positives = tuple(
         FalsePositive(c, int(sizes[c]), int(sizes[c]) * float(np.prod(spacing)))
         for c in range(1, n_components + 1)
-        if c not in matched
+        if c not in counted
     )
     scored = [lesion for lesion in lesions if lesion.scored]
     count = len(scored) + len(false_positives)
