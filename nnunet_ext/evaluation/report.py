@@ -439,8 +439,8 @@ def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: 
             "one repeat it covers the spread between test cases only, not between training runs. "
             f"An interval needs {MIN_CASES} distinct test cases with a pair (and so {MIN_CASES} pairs); with fewer, "
             f"however many pairs the repeats add: the mean and `n too small`, no interval and no star (below "
-            f"{MIN_CASES} cases a simulated {confidence} interval "
-            "covered the true difference less than 90 % of the time, docs/study.md). "
+            f"{MIN_CASES} cases a {confidence} interval covered the true mean difference in less than 90 % of "
+            "simulated data sets even when the differences were normal, docs/study.md). "
             "p: two-sided Wilcoxon signed-rank test of the per-case differences averaged over the repeats; "
             "p Holm: adjusted by Holm's method over the comparisons of its table (every model, region and metric "
             f"with an interval). * marks an interval that excludes 0 whose Holm-adjusted p is below {ALPHA}.")

@@ -23,10 +23,10 @@ no non-NaN pair has no mean and is left out.
 Minimum: an interval needs at least ``MIN_CASES`` distinct test cases with a non-NaN pair (and so at least as
 many pairs); below that :func:`compare` gives the mean difference and no interval (``low``, ``high`` NaN,
 ``too_few_cases``). The percentile bootstrap of a mean is too narrow at few cases: over one case its interval has
-zero width. ``MIN_CASES`` is the smallest n from which the 95 % interval covered the true mean of normal and
-of skewed (centred exponential) differences in at least 90 % of simulated data sets, at that n and at every
-larger n up to 20 (``benchmarks/bootstrap_coverage.py``; table in docs/study.md). With one repeat the interval
-covers the spread between test cases only, not that between training runs.
+zero width. ``MIN_CASES`` is the smallest n from which the 95 % interval covered the true mean in at least 90 % of
+simulated data sets of normal differences and 85 % of skewed (centred exponential) ones, at that n and at every
+larger n tested up to 40 (``benchmarks/bootstrap_coverage.py``; table and reasons in docs/study.md). With one
+repeat the interval covers the spread between test cases only, not that between training runs.
 
 Wilcoxon: two-sided signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped, exact
 distribution for small samples) of the per-case differences averaged over the repeats. The pairs of one
