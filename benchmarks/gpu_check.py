@@ -137,8 +137,9 @@ def log(message: str) -> None:
     print(f"[gpu_check +{time.monotonic() - START:6.1f}s] {message}", flush=True)
 
 
-class BudgetExceeded(Exception):
-    """A phase's deadline passed during a measurement."""
+class BudgetExceeded(BaseException):
+    """A phase's deadline passed during a measurement (a BaseException, so that no ``except Exception`` inside
+    torch or nnU-Net code swallows it)."""
 
 
 @contextlib.contextmanager

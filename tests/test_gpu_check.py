@@ -124,10 +124,19 @@ def test_a_deadline_stops_a_step_measurement_and_skips_what_no_longer_fits(tmp_p
 
     mode = dataclasses.replace(gpu_check.TINY, min_start_s=0.01, compile_trainers={},
                                step_trainers={"plain": ("nnUNetTrainer", "CPCSegTrainer")})
+    def slow_measurement(*args):  # a measurement that would outlast any deadline, with Python code to interrupt
+        for _ in range(1000):
+            try:
+                time.sleep(0.01)
+            except Exception:  # what torch or nnU-Net code may do: the deadline must not be swallowed
+                pass
+        return {"step_ms": 1.0}
+
+    monkeypatch.setattr(gpu_check, "measure_step", slow_measurement)
     budget = gpu_check.Budget(100)
-    budget.ends = {"steps": time.monotonic() + 0.05, "compiled steps": time.monotonic() + 0.05}
-    report = gpu_check.Report(tmp_path, {"command": "test", "mode": "tiny", "budget_s": 0.05, "started": "now"})
-    result = gpu_check.step_benchmarks(mode, budget, report)  # no step of a 3-D U-Net finishes in 50 ms
+    budget.ends = {"steps": time.monotonic() + 0.5, "compiled steps": time.monotonic() + 0.5}
+    report = gpu_check.Report(tmp_path, {"command": "test", "mode": "tiny", "budget_s": 0.5, "started": "now"})
+    result = gpu_check.step_benchmarks(mode, budget, report)
     first, second = (r["status"] for r in result["rows"])
     assert first.startswith("skipped: budget (stopped after") and second == "skipped: budget"
     assert result["status"] == "skipped: budget"
