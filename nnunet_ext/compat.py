@@ -330,12 +330,15 @@ def planning_n_proc_DA() -> Iterator[None]:
         os.environ["nnUNet_n_proc_DA"] = "0"
 
 
-_PRETRAINED_TARGETS: weakref.WeakKeyDictionary[nn.Module, Callable[[str], None]] = weakref.WeakKeyDictionary()
+_PRETRAINED_TARGETS: weakref.WeakKeyDictionary[nn.Module, tuple[Callable[[str], None], str | None]] = \
+    weakref.WeakKeyDictionary()
 
 
-def accept_pretrained_weights(network: nn.Module, log: Callable[[str], None]) -> None:
+def accept_pretrained_weights(network: nn.Module, log: Callable[[str], None], record_folder: str | None = None) -> None:
     """Make ``nnUNetv2_train -pretrained_weights`` load into ``network`` (an nnunet_ext trainer's) with
-    :func:`nnunet_ext.pretrained.load_matching`, logging through ``log``.
+    :func:`nnunet_ext.pretrained.load_pretrained`, logging through ``log`` and recording every key in
+    ``record_folder`` (default: the ``output_folder`` of the trainer whose ``print_to_log_file`` is ``log``, i.e.
+    the fold's folder, beside its checkpoints).
 
     ``nnunetv2.run.run_training.maybe_load_checkpoint`` calls the module's ``load_pretrained_weights(network,
     fname, verbose=True)`` after ``initialize``; it has no trainer hook and asserts that every tensor but the
@@ -353,13 +356,15 @@ def accept_pretrained_weights(network: nn.Module, log: Callable[[str], None]) ->
     if current is original:
         @functools.wraps(original)
         def dispatch(network, fname, verbose=False):
-            log_to = _PRETRAINED_TARGETS.get(network)
-            if log_to is None:
+            target = _PRETRAINED_TARGETS.get(network)
+            if target is None:
                 return original(network, fname, verbose=verbose)
-            from nnunet_ext.pretrained import load_matching
+            from nnunet_ext.pretrained import load_pretrained
 
-            load_matching(unwrap_network(network, nn.Module), fname, log_to)
+            load_pretrained(unwrap_network(network, nn.Module), fname, *target)
 
         dispatch.nnunet_ext_dispatch = True
         run_training.load_pretrained_weights = dispatch
-    _PRETRAINED_TARGETS[network] = log
+    if record_folder is None:
+        record_folder = getattr(getattr(log, "__self__", None), "output_folder", None)
+    _PRETRAINED_TARGETS[network] = (log, record_folder)
