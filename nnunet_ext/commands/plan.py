@@ -4,12 +4,17 @@ Extracts the dataset fingerprint first when it is missing, then writes a normal 
 ``$nnUNet_preprocessed/DatasetXXX_NAME/`` that nnUNetv2_preprocess / train / predict use via ``-p``.
 nnU-Net's own planners (e.g. nnUNetPlannerResEncM) are accepted too. Works with ``nnUNet_n_proc_DA=0``
 (nnU-Net's planner alone would crash; it plans with 1 and says so).
+
+``--like-pretrained CKPT_OR_ADAPTATION_PLAN`` then derives plans whose 3d_fullres network, spacing, normalization and
+patch size are those of an nnssl checkpoint (e.g. OpenMind's ResEncL), so that ``-pretrained_weights CKPT`` loads
+every encoder weight (:mod:`nnunet_ext.planners.like_pretrained`); given the checkpoint, it checks that they do.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 
 from nnunet_ext.planners import PLANNERS
@@ -28,6 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess", action="store_true",
                         help="also run nnU-Net's preprocessing for the configurations given with -c")
     parser.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations to preprocess")
+    parser.add_argument("--like-pretrained", metavar="CKPT_OR_ADAPTATION_PLAN", default=None,
+                        help="also write plans whose 3d_fullres network, spacing, normalization and patch size are "
+                             "those of an nnssl checkpoint (checkpoint_final.pth or its adaptation_plan.json), named "
+                             "nnUNetLikePretrainedPlans or -overwrite_plans_name")
+    parser.add_argument("--group-norm", action="store_true",
+                        help="with --like-pretrained: GroupNorm instead of the checkpoint's norm (to compare CPC "
+                             "trainers, which train GroupNorm, with the others on the same plans)")
+    parser.add_argument("--patch-size", type=int, nargs="+", default=None,
+                        help="with --like-pretrained: this patch size instead of the adaptation plan's recommended one")
 
 
 def planner_class(name: str) -> type:
@@ -69,14 +83,61 @@ def plan_dataset(dataset_id: int, planner: str = "nnUNetPlannerCPU", gpu_memory_
     return identifier
 
 
+def plan_like_pretrained(dataset_id: int, base_identifier: str, source: str, plans_name: str | None = None,
+                         group_norm: bool = False, patch_size: list[int] | None = None) -> str:
+    """Write plans like the nnssl checkpoint or adaptation plan ``source`` from the dataset's ``base_identifier``
+    plans (:mod:`nnunet_ext.planners.like_pretrained`); given a checkpoint, check that every encoder weight fits.
+    Return the plans identifier."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_ext.nnssl import read_adaptation_plan
+    from nnunet_ext.planners import like_pretrained
+    from nnunet_ext.pretrained import check_fits
+
+    adaptation = read_adaptation_plan(source)
+    folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset_id))
+    with open(os.path.join(folder, f"{base_identifier}.json")) as f:
+        base = json.load(f)
+    name = plans_name or (like_pretrained.GROUP_NORM_PLANS_NAME if group_norm else like_pretrained.PLANS_NAME)
+    plans = like_pretrained.like_pretrained_plans(base, adaptation, name, group_norm, patch_size)
+    if not source.endswith(".json"):
+        channels = len(plans["configurations"][like_pretrained.CONFIGURATION]["normalization_schemes"])
+        transfer = check_fits(source, plans, like_pretrained.CONFIGURATION, channels)
+        adapted = f"; adapted: {', '.join(transfer.adapted.values())}" if transfer.adapted else ""
+        fit = f"all {len(transfer.values)} encoder and stem tensors of {source} fit{adapted}"
+    else:
+        fit = "the checkpoint's fit is checked when training loads it"
+    path = os.path.join(folder, f"{name}.json")
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(plans, f, indent=4)
+    os.replace(partial, path)
+    print(f"[nnunet-ext plan] like the pretrained {adaptation.short_name}: {like_pretrained.describe(plans)}; "
+          f"{fit} ({path})")
+    return name
+
+
 def run(args: argparse.Namespace) -> int:
-    """Plan each dataset, print the command that preprocesses it (or run it with --preprocess) and the training
-    command of each configuration given with -c."""
+    """Plan each dataset (like a pretrained checkpoint with --like-pretrained), print the command that preprocesses it
+    (or run it with --preprocess) and the training command of each configuration given with -c."""
     from nnunetv2.configuration import default_num_processes
 
+    if not args.like_pretrained and (args.group_norm or args.patch_size):
+        raise ValueError("--group-norm and --patch-size go with --like-pretrained")
+    if args.like_pretrained and args.c != ["3d_fullres"]:
+        raise ValueError(f"-c {' '.join(args.c)}: --like-pretrained plans the 3d_fullres configuration only (the "
+                         f"checkpoint is a 3-D network)")
     for d in args.d:
-        identifier = plan_dataset(d, args.pl, args.gpu_memory_target, args.overwrite_plans_name, args.np,
+        identifier = plan_dataset(d, args.pl, args.gpu_memory_target,
+                                  None if args.like_pretrained else args.overwrite_plans_name, args.np,
                                   args.verify_dataset_integrity)
+        pretrained = ""
+        if args.like_pretrained:
+            identifier = plan_like_pretrained(d, identifier, args.like_pretrained, args.overwrite_plans_name,
+                                              args.group_norm, args.patch_size)
+            checkpoint = "CHECKPOINT" if args.like_pretrained.endswith(".json") else args.like_pretrained
+            pretrained = f" -pretrained_weights {checkpoint}"
         if args.preprocess:
             from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
             preprocess([d], identifier, args.c, [args.np or default_num_processes] * len(args.c))
@@ -85,5 +146,5 @@ def run(args: argparse.Namespace) -> int:
                   f"-c {' '.join(args.c)}")
         for configuration in args.c:
             print(f"[nnunet-ext plan] train with: nnUNetv2_train {d} {configuration} 0 -p {identifier} "
-                  f"-tr EncDecTrainer")
+                  f"-tr EncDecTrainer{pretrained}")
     return 0
