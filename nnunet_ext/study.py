@@ -46,7 +46,7 @@ import sys
 import time
 import types
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nnunet_ext import locks, pipeline
 from nnunet_ext.datasets import prepare
@@ -58,6 +58,8 @@ from nnunet_ext.trainers.names import BASES, PAPER_MODELS, TrainerNameError, is_
 DISPATCH = ("local", "print", "submitit")
 CPC_MODULE = "nnunet_ext.trainers.cpc"  # its trainers train the GroupNorm copy of instance- or batch-norm plans
 SELF_TRAINED = "PseudoLabel"  # cells of this model train through `nnunet-ext self-train` (teacher first)
+PRETRAINED = "+pretrained"  # --pretrained: the model of a cell that starts from the checkpoint, e.g. EncDec+pretrained
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # what nnU-Net's --c resumes
 STATUS_FILE = "study_status.json"
 # option defaults; a --preset replaces those the user did not give (see preset_options)
 DEFAULTS = {"plans": "nnUNetPlans", "configuration": "3d_fullres", "device": "cuda", "folds": [0, 1, 2, 3, 4],
@@ -84,13 +86,26 @@ OPTION_FLAGS = {"d": "-d", "plans": "-p", "configuration": "-c"}
 @dataclass(frozen=True)
 class Cell:
     """One trained unit of the grid: model (short base name), label budget, unlabeled count, repeat, and its
-    trainer name (with ``_s<repeat>`` when the study has several repeats)."""
+    trainer name (with ``_s<repeat>`` when the study has several repeats); ``pretrained``: starts from the study's
+    ``--pretrained`` checkpoint (its twin without starts from scratch, same seed and labeled cases)."""
 
     model: str
     labels: int
     unlabeled: int | None
     trainer: str
     repeat: int = 0
+    pretrained: bool = False
+
+    @property
+    def name(self) -> str:
+        """The cell in logs, ``study_status.json`` and ``predictions/``: its trainer (``+pretrained`` when
+        pretrained)."""
+        return self.trainer + PRETRAINED if self.pretrained else self.trainer
+
+    @property
+    def label(self) -> str:
+        """The cell's model in the tables: its model, ``+pretrained`` when pretrained (e.g. ``EncDec+pretrained``)."""
+        return self.model + PRETRAINED if self.pretrained else self.model
 
 
 def available_models() -> list[str]:
@@ -129,9 +144,20 @@ def build_grid(models: Sequence[str], labels: Sequence[int], unlabeled: Sequence
     return cells
 
 
+def with_pretrained_twins(cells: Sequence[Cell]) -> list[Cell]:
+    """The cells, then each again starting from ``--pretrained`` (paired: same trainer, seed and labeled cases)."""
+    self_trained = sorted({c.model for c in cells if c.model == SELF_TRAINED})
+    if self_trained:
+        raise ValueError(f"--pretrained: {' '.join(self_trained)} cells train through `nnunet-ext self-train`, which "
+                         f"takes no pretrained weights; leave {' '.join(self_trained)} out of --trainers")
+    return list(cells) + [replace(c, pretrained=True) for c in cells]
+
+
 @dataclass
 class Study:
-    """Where a study's cells are trained, predicted and evaluated, and the commands that do it."""
+    """Where a study's cells are trained, predicted and evaluated, and the commands that do it. With
+    ``pretrained`` (a checkpoint), pretrained cells train in ``pretrained_experiment``: the same plans under another
+    name (:func:`nnunet_ext.pretrained.write_twin_plans`), so they get their own nnU-Net result folders."""
 
     experiment: Experiment
     raw: str
@@ -139,6 +165,12 @@ class Study:
     folds: list[int]
     num_gpus: int | None = None
     metrics: tuple[str, ...] = ()  # ``nnunet-ext evaluate --metrics`` beyond Dice and HD95
+    pretrained: str | None = None
+    pretrained_experiment: Experiment | None = None
+
+    def experiment_of(self, cell: Cell) -> Experiment:
+        """Where the cell trains: the study's experiment, or for a pretrained cell the pretrained one."""
+        return self.pretrained_experiment if cell.pretrained else self.experiment
 
     def fold_tag(self) -> str:
         """The fold set as a folder name, e.g. ``folds_0_1``."""
@@ -146,7 +178,7 @@ class Study:
 
     def prediction_folder(self, cell: Cell) -> str:
         """Predictions of the cell's fold ensemble on the test split."""
-        return os.path.join(self.output, "predictions", cell.trainer, self.fold_tag())
+        return os.path.join(self.output, "predictions", cell.name, self.fold_tag())
 
     def summary_path(self, cell: Cell, policy: str = EMPTY_POLICIES[0]) -> str:
         """The evaluation summary of one empty-mask convention; all of them mark a finished cell."""
@@ -166,22 +198,32 @@ class Study:
 
     def pending_folds(self, cell: Cell) -> list[int]:
         """The folds of the cell that have not finished training."""
-        return [f for f in self.folds if not self.experiment.is_trained(cell.trainer, f)]
+        return [f for f in self.folds if not self.experiment_of(cell).is_trained(cell.trainer, f)]
+
+    def has_checkpoint(self, cell: Cell, fold: int) -> bool:
+        """Whether the fold has a checkpoint that nnU-Net's ``--c`` resumes."""
+        folder = os.path.join(self.experiment_of(cell).result_folder(cell.trainer), f"fold_{fold}")
+        return any(os.path.isfile(os.path.join(folder, name)) for name in CHECKPOINTS)
 
     def train_command(self, cell: Cell, fold: int) -> list[str]:
         """``nnUNetv2_train`` of one fold, with ``-num_gpus`` when asked for; for a pseudo-label student
-        ``nnunet-ext self-train`` of the fold (its teacher, pseudo labels, then the student)."""
+        ``nnunet-ext self-train`` of the fold (its teacher, pseudo labels, then the student). A pretrained cell's
+        fold starts with ``-pretrained_weights`` (nnU-Net refuses it with ``--c``) until it has a checkpoint to
+        resume."""
         gpus = [] if self.num_gpus is None else ["-num_gpus", str(self.num_gpus)]
         if cell.model == SELF_TRAINED:
             e = self.experiment
             return ["nnunet-ext", "self-train", "-d", str(e.dataset_id), "-tr", cell.trainer, "-f", str(fold),
                     "-p", e.plans, "-c", e.configuration, "-device", e.device] + gpus
-        return self.experiment.train_command(cell.trainer, fold) + gpus
+        command = self.experiment_of(cell).train_command(cell.trainer, fold) + gpus
+        if cell.pretrained and not self.has_checkpoint(cell, fold):
+            command = [a for a in command if a != "--c"] + ["-pretrained_weights", self.pretrained]
+        return command
 
     def predict_command(self, cell: Cell) -> list[str]:
         """``nnUNetv2_predict`` of the fold ensemble on ``imagesTs``."""
-        return self.experiment.predict_command(cell.trainer, self.folds, os.path.join(self.raw, "imagesTs"),
-                                               self.prediction_folder(cell))
+        return self.experiment_of(cell).predict_command(cell.trainer, self.folds, os.path.join(self.raw, "imagesTs"),
+                                                        self.prediction_folder(cell))
 
     def evaluate_commands(self, cell: Cell) -> list[list[str]]:
         """``nnunet-ext evaluate`` of the cell's predictions, one per empty-mask convention (with ``metrics``
@@ -196,32 +238,32 @@ def run_cell(study: Study, cell: Cell, progress: str) -> dict:
     """Train, predict and evaluate one cell, skipping finished steps; return its status entry."""
     from nnunet_ext.evaluation.evaluate import evaluate_folder
 
-    log_path = None
+    log_path, experiment = None, study.experiment_of(cell)
     try:
         for fold in study.folds:
-            with study.experiment.training_lock(cell.trainer, fold):
-                if study.experiment.is_trained(cell.trainer, fold):
-                    log(f"{cell.trainer} fold {fold}: already trained, skipping", progress)
+            with experiment.training_lock(cell.trainer, fold):
+                if experiment.is_trained(cell.trainer, fold):
+                    log(f"{cell.name} fold {fold}: already trained, skipping", progress)
                     continue
-                log_path = study.experiment.train_log(cell.trainer, fold)
-                log(f"{cell.trainer} fold {fold}: training (log: {log_path})", progress)
-                pipeline.run_command(study.train_command(cell, fold), study.experiment.env, log_path)
+                log_path = experiment.train_log(cell.trainer, fold)
+                log(f"{cell.name} fold {fold}: training (log: {log_path})", progress)
+                pipeline.run_command(study.train_command(cell, fold), experiment.env, log_path)
         if study.is_evaluated(cell):
-            log(f"{cell.trainer}: already evaluated, skipping prediction", progress)
+            log(f"{cell.name}: already evaluated, skipping prediction", progress)
             return {"state": "done", "summary": study.summary_path(cell)}
         reject_stale_predictions(study, cell, progress)
-        log_path = study.experiment.predict_log(cell.trainer)
-        log(f"{cell.trainer}: predicting imagesTs with folds {' '.join(map(str, study.folds))}", progress)
-        pipeline.run_command(study.predict_command(cell), study.experiment.env, log_path, echo=False)
+        log_path = experiment.predict_log(cell.trainer)
+        log(f"{cell.name}: predicting imagesTs with folds {' '.join(map(str, study.folds))}", progress)
+        pipeline.run_command(study.predict_command(cell), experiment.env, log_path, echo=False)
         log_path = None
         for policy in EMPTY_POLICIES:
             evaluate_folder(os.path.join(study.raw, "labelsTs"), study.prediction_folder(cell),
                             os.path.join(study.raw, "dataset.json"), study.summary_path(cell, policy), policy,
                             extra_metrics=study.metrics)
     except Exception as error:  # one failing cell must not stop the grid
-        log(f"{cell.trainer}: FAILED: {error}" + (f" (log: {log_path})" if log_path else ""), progress)
+        log(f"{cell.name}: FAILED: {error}" + (f" (log: {log_path})" if log_path else ""), progress)
         return {"state": "failed", "error": str(error), "log": log_path}
-    log(f"{cell.trainer}: done", progress)
+    log(f"{cell.name}: done", progress)
     return {"state": "done", "summary": study.summary_path(cell)}
 
 
@@ -241,15 +283,15 @@ def reject_stale_predictions(study: Study, cell: Cell, progress: str) -> None:
     folder = study.prediction_folder(cell)
     predictions = sorted(f for f in os.listdir(folder) if f.endswith(ending)) if os.path.isdir(folder) else []
     values = evaluate.label_values(evaluate.regions_from_dataset_json(dataset), dataset["labels"].get("ignore"))
-    checkpoints = [os.path.join(study.experiment.result_folder(cell.trainer), f"fold_{fold}", "checkpoint_final.pth")
-                   for fold in study.folds]
+    checkpoints = [os.path.join(study.experiment_of(cell).result_folder(cell.trainer), f"fold_{fold}",
+                                "checkpoint_final.pth") for fold in study.folds]
     for name in predictions:
         path, case = os.path.join(folder, name), name[:-len(ending)]
         reason = _stale_reason(path, inputs.get(case), checkpoints, values)
         if reason:
             os.makedirs(os.path.join(folder, "rejected"), exist_ok=True)
             os.replace(path, os.path.join(folder, "rejected", name))
-            log(f"{cell.trainer}: predicting {case} again ({reason}; moved to rejected/)", progress)
+            log(f"{cell.name}: predicting {case} again ({reason}; moved to rejected/)", progress)
 
 
 def _stale_reason(path: str, inputs: list[str] | None, checkpoints: list[str], values: set[int]) -> str | None:
@@ -278,7 +320,7 @@ def update_status(path: str, cell: Cell, folds: list[int], entry: dict) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             status = json.load(f)
-    status[cell.trainer] = {"model": cell.model, "labels": cell.labels, "unlabeled": cell.unlabeled,
+    status[cell.name] = {"model": cell.label, "labels": cell.labels, "unlabeled": cell.unlabeled,
                             "folds": folds, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **entry}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -292,12 +334,12 @@ def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
     for cell in cells:
         if not study.is_evaluated(cell):
             continue
-        trained = (study.experiment.unlabeled_used(cell.trainer, study.folds),
-                   *study.experiment.trained_plans(cell.trainer))
+        experiment = study.experiment_of(cell)
+        trained = (experiment.unlabeled_used(cell.trainer, study.folds), *experiment.trained_plans(cell.trainer))
         for policy in EMPTY_POLICIES:
             with open(study.summary_path(cell, policy)) as f:
                 summary = json.load(f)
-            results += summary_case_results(summary, cell.trainer, cell.model, cell.labels, cell.unlabeled,
+            results += summary_case_results(summary, cell.trainer, cell.label, cell.labels, cell.unlabeled,
                                             study.folds, cell.repeat, *trained)
     return results
 
@@ -321,11 +363,11 @@ def run_local(study: Study, cells: Sequence[Cell], baseline: str = DEFAULTS["bas
         entry = run_cell(study, cell, progress)
         update_status(status_path, cell, study.folds, entry)
         if entry["state"] == "failed":
-            failed.append(f"{cell.trainer}: {entry['error']}")
+            failed.append(f"{cell.name}: {entry['error']}")
         if not already:
             worked.append(time.time() - start)
             remaining = sum(not study.is_evaluated(c) for c in cells[index:])
-            log(f"{cell.trainer}: {worked[-1]:.0f} s; {remaining} cells to go, about "
+            log(f"{cell.name}: {worked[-1]:.0f} s; {remaining} cells to go, about "
                 f"{time_left(worked, remaining)} left", progress)
     cases = case_results(study, cells)
     if cases:
@@ -344,7 +386,7 @@ def print_commands(study: Study, cells: Sequence[Cell]) -> int:
     """Print the remaining commands of every cell, one per line (notes go to stderr); return 0."""
     for cell in cells:
         if study.is_evaluated(cell):
-            print(f"# {cell.trainer}: already evaluated", file=sys.stderr)
+            print(f"# {cell.name}: already evaluated", file=sys.stderr)
             continue
         for fold in study.pending_folds(cell):
             print(shlex.join(study.train_command(cell, fold)))
@@ -391,18 +433,18 @@ def submit_cells(study: Study, cells: Sequence[Cell], slurm: dict[str, int | str
         with open(status_path) as f:
             status = json.load(f)
     for index, cell in enumerate(cells, 1):
-        previous = status.get(cell.trainer, {})
+        previous = status.get(cell.name, {})
         jobs = dict(previous.get("jobs", {})) if previous.get("state") == "submitted" else {}
         submitted = False
         for fold in study.pending_folds(cell):
             if str(fold) in jobs and not resubmit:
-                log(f"{cell.trainer} fold {fold}: job {jobs[str(fold)]} was submitted before, not submitting "
+                log(f"{cell.name} fold {fold}: job {jobs[str(fold)]} was submitted before, not submitting "
                     f"again (--resubmit if it failed or was cancelled)", f"study {index}/{len(cells)}")
                 continue
             function = submitit.helpers.CommandFunction(study.train_command(cell, fold))
             jobs[str(fold)] = executor.submit(function).job_id
             submitted = True
-            log(f"{cell.trainer} fold {fold}: submitted job {jobs[str(fold)]}", f"study {index}/{len(cells)}")
+            log(f"{cell.name} fold {fold}: submitted job {jobs[str(fold)]}", f"study {index}/{len(cells)}")
         if submitted:
             update_status(status_path, cell, study.folds, {"state": "submitted", "jobs": jobs})
     log("when the jobs are done, rerun with --dispatch local to predict, evaluate and report", "study")
@@ -440,6 +482,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--plans", default=None, help=f"plans identifier (default {DEFAULTS['plans']})")
     parser.add_argument("-c", "--configuration", default=None,
                         help=f"configuration (default {DEFAULTS['configuration']})")
+    parser.add_argument("--pretrained", metavar="CKPT", default=None,
+                        help="also train every cell from this checkpoint (e.g. an nnssl/OpenMind checkpoint_final.pth, "
+                             "with plans made by `nnunet-ext plan --like-pretrained`): model <M>+pretrained, paired "
+                             "with <M> (same seed and labeled cases); its trainings use the plans under the name "
+                             "<plans>__pretrained_<sha256[:8]> (docs/baselines.md)")
     parser.add_argument("--metrics", nargs="+", default=[],
                         help="evaluate also these metrics of nnunet-ext evaluate --metrics (lesionwise, nsd, "
                              "hd95-surfels; docs/metrics.md); Table 1, results.csv and the paired tables gain them")
@@ -592,11 +639,18 @@ def check_same_norm(cells: Sequence[Cell], experiment: Experiment) -> None:
     if norm_op_of(group_norm_plans(plans)[0], configuration) == norm:
         return
     planner, group_norm = group_norm_planner(plans)
+    command = f"nnunet-ext plan -d {experiment.dataset_id} -pl {planner} --preprocess -c {configuration}"
+    like = plans.get("nnunet_ext_like_pretrained")
+    if like:  # plans like a pretrained checkpoint: keep its network, with GroupNorm
+        from nnunet_ext.planners.like_pretrained import GROUP_NORM_PLANS_NAME
+
+        command = (f"nnunet-ext plan -d {experiment.dataset_id} --like-pretrained {like['adaptation_plan']} "
+                   f"--group-norm --preprocess")
+        group_norm = GROUP_NORM_PLANS_NAME
     raise ValueError(f"--trainers {' '.join(cpc)} train the GroupNorm copy of -p {experiment.plans}, whose "
                      f"{configuration} networks use {norm.rsplit('.', 1)[-1]}, so {' '.join(others)} would be "
-                     f"compared with another norm. Plan GroupNorm networks for every trainer with `nnunet-ext plan "
-                     f"-d {experiment.dataset_id} -pl {planner} --preprocess -c {configuration}` and rerun with "
-                     f"-p {group_norm} (or study the CPC trainers on their own)")
+                     f"compared with another norm. Plan GroupNorm networks for every trainer with `{command}` and "
+                     f"rerun with -p {group_norm} (or study the CPC trainers on their own)")
 
 
 def make_study(args: argparse.Namespace) -> Study:
@@ -616,7 +670,29 @@ def make_study(args: argparse.Namespace) -> Study:
     study = Study(experiment, raw, output, list(dict.fromkeys(args.folds)), args.num_gpus,
                   tuple(dict.fromkeys(args.metrics)))
     check_dataset(study)
+    if args.pretrained:
+        study.pretrained, study.pretrained_experiment = pretrained_experiment(study, args.pretrained)
     return study
+
+
+def pretrained_experiment(study: Study, checkpoint: str) -> tuple[str, Experiment]:
+    """The checkpoint's absolute path and the experiment of the pretrained cells: the study's plans under their twin
+    name (written now), after checking that the checkpoint fits their network; ValueError naming the file when it
+    does not (before anything trains)."""
+    from nnunet_ext.pretrained import check_fits, write_twin_plans
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"--pretrained {checkpoint}: no such file")
+    checkpoint, e = os.path.abspath(checkpoint), study.experiment
+    with open(e.plans_file()) as f:
+        plans = json.load(f)
+    with open(os.path.join(study.raw, "dataset.json")) as f:
+        channels = len(json.load(f)["channel_names"])
+    transfer = check_fits(checkpoint, plans, e.configuration, channels)
+    log(f"--pretrained {checkpoint} ({transfer.kind}): {len(transfer.values)} tensors fit the {e.configuration} "
+        f"network of {e.plans}", "study")
+    twin = write_twin_plans(e.plans_file(), checkpoint)
+    return checkpoint, replace(e, plans=twin, log_folder=os.path.join(e.log_folder, "pretrained"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -625,6 +701,8 @@ def run(args: argparse.Namespace) -> int:
         resolve_options(args)
         cells = build_grid(args.trainers, args.labels, args.unlabeled, args.epochs, args.iters,
                            not args.no_mirroring, args.repeats)
+        if args.pretrained:
+            cells = with_pretrained_twins(cells)
         slurm = slurm_parameters(args.slurm)
         if args.dispatch == "submitit":
             load_submitit()
