@@ -25,6 +25,7 @@ class Branch(nn.Module):
     def __init__(self, weight: float):
         super().__init__()
         self.weight = float(weight)
+        self.last_stats: dict[str, torch.Tensor | float] = {}  # what the latest forward wants monitored (detached)
 
     @classmethod
     def from_encoder(cls, encoder: nn.Module, patch_size: Sequence[int], input_channels: int,

@@ -208,5 +208,7 @@ class CPCBranch(Branch):
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], target: torch.Tensor | None,
                 encoder: nn.Module) -> torch.Tensor:
         """Return ``weight * InfoNCE`` on the sub-patches of ``x`` as a float32 scalar; ``skips``, ``target``
-        are unused."""
-        return self.weight * self.grid_loss(self.encode(x, encoder))
+        are unused. ``last_stats``: the mean L2 norm of the pooled vectors and the chance level ln G."""
+        z = self.encode(x, encoder)
+        self.last_stats = {"vector_norm": z.detach().float().norm(dim=1).mean(), "chance": math.log(z[0, 0].numel())}
+        return self.weight * self.grid_loss(z)

@@ -40,15 +40,8 @@ from nnunet_ext.branches.blocks import EncoderSpec
 from nnunet_ext.compat import unwrap_network
 from nnunet_ext.trainers.base import ExtTrainer
 from nnunet_ext.trainers.names import TrainerSpec
+from nnunet_ext.trainers.ramps import sigmoid_rampup
 from nnunet_ext.trainers.semisupervised import SemiSupervisedMixin
-
-
-def sigmoid_rampup(step: int, rampup_steps: int) -> float:
-    """``exp(-5 (1 - t)²)`` with ``t = step / rampup_steps`` clipped to [0, 1] (1 from ``rampup_steps`` on)."""
-    if rampup_steps <= 0:
-        return 1.0
-    t = min(max(step / rampup_steps, 0.0), 1.0)
-    return float(math.exp(-5.0 * (1.0 - t) ** 2))
 
 
 def ema_decay_at(step: int, decay: float) -> float:

@@ -27,6 +27,8 @@ from nnunet_ext.compat import (
     unwrap_network,
 )
 from nnunet_ext.trainers.base import ExtTrainer
+from nnunet_ext.trainers.monitor import BranchMonitor, accumulated_grad_norm, grad_norm
+from nnunet_ext.trainers.ramps import sigmoid_rampup
 
 
 @dataclass
@@ -97,37 +99,70 @@ class MultiTaskNetwork(nn.Module):
 
 
 class MultiTaskLoss(nn.Module):
-    """nnU-Net's segmentation loss plus the branch loss; plain (validation) outputs pass through.
+    """nnU-Net's segmentation loss plus ``factor`` times the branch loss; plain (validation) outputs pass through.
 
-    ``last`` keeps the detached parts of the latest training loss for logging.
+    ``factor`` is the branch weight's ramp at the current step (1: the branch's constant weight). ``last`` keeps
+    the detached parts of the latest training loss for logging (``branch_loss`` with the branch's weight, without
+    the ramp). When ``probe`` holds (encoder parameters, loss scale), the next training loss also measures the
+    gradient norm each applied part puts on those parameters into ``last_probe``
+    (:func:`~nnunet_ext.trainers.monitor.grad_norm`), then clears ``probe``.
     """
 
     def __init__(self, seg_loss: nn.Module):
         super().__init__()
         self.seg_loss = seg_loss
+        self.factor = 1.0
+        self.probe: tuple[list[torch.Tensor], float] | None = None
         self.last: dict[str, torch.Tensor] = {}
+        self.last_probe: dict[str, float] = {}
 
     def forward(self, output, target):
         """Total loss of a training output, or nnU-Net's loss of a plain (validation) output."""
         if not isinstance(output, MultiTaskOutput):
             return self.seg_loss(output, target)
         seg = self.seg_loss(output.seg, target)
+        branch = self.factor * output.branch_loss
         self.last = {"seg_loss": seg.detach(), "branch_loss": output.branch_loss.detach()}
-        return seg + output.branch_loss
+        self.last_probe = {}
+        if self.probe is not None:
+            params, scale = self.probe
+            self.probe = None
+            self.last_probe = {"encoder_grad_segmentation": grad_norm(seg, params, scale),
+                               "encoder_grad_branch": grad_norm(branch, params, scale)}
+        return seg + branch
 
 
 class MultiTaskTrainer(ExtTrainer):
-    """nnU-Net trainer with one regularization branch; subclasses name ``branch_class`` and its kwargs."""
+    """nnU-Net trainer with one regularization branch; subclasses name ``branch_class`` and its kwargs.
+
+    ``branch_rampup_fraction``: the branch weight ramps up as ``exp(-5 (1 - t)²)`` over that share of all training
+    steps (:func:`~nnunet_ext.trainers.ramps.sigmoid_rampup`; 0: the constant weight from the first step, as in
+    the paper). ``monitor_probes``: gradient-norm probe steps per epoch of the branch monitor
+    (:mod:`nnunet_ext.trainers.monitor`; 0: none).
+    """
 
     branch_class: ClassVar[type[Branch]]
     branch_kwargs: ClassVar[dict] = {}
+    branch_rampup_fraction: ClassVar[float] = 0.0
+    monitor_probes: ClassVar[int] = 5
 
     # -- building -----------------------------------------------------------------------------------
     def initialize(self):
-        """nnU-Net's initialize, with the training network built as net + branch (inference stays plain)."""
+        """nnU-Net's initialize, with the training network built as net + branch (inference stays plain), then the
+        branch monitor."""
         with network_built_by(self, self._build_training_network):
             super().initialize()
         self.loss = MultiTaskLoss(self.loss)
+        self.iteration_in_epoch = 0
+        probes = 0 if self.is_ddp else self.monitor_probes
+        self.monitor = BranchMonitor(self.num_iterations_per_epoch, probes)
+        ramp = (f"ramped up over the first {self.branch_rampup_fraction:.0%} of the "
+                f"{self.num_epochs * self.num_iterations_per_epoch} steps" if self.branch_rampup_fraction > 0
+                else "constant from the first step")
+        self.print_to_log_file(f"Branch weight {self.multitask_network.branch.weight:g}, {ramp}; branch monitor: "
+                               f"{probes} gradient-norm probes per epoch"
+                               f"{' (none under DDP)' if self.is_ddp else ''}, written to branch_monitor.json "
+                               f"and branch_progress.png")
 
     def _build_training_network(self, plans_manager, configuration_manager, num_input_channels: int,
                                 num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
@@ -159,6 +194,44 @@ class MultiTaskTrainer(ExtTrainer):
         return unwrap_network(self.network, MultiTaskNetwork)
 
     # -- training -----------------------------------------------------------------------------------
+    def branch_weight_factor(self) -> float:
+        """The ramp of the branch weight at the current step (``current_epoch * iterations + iteration``, so ``--c``
+        resumes it exactly): :func:`~nnunet_ext.trainers.ramps.sigmoid_rampup` over ``branch_rampup_fraction`` of
+        the training steps; 1 when it is 0."""
+        total = self.num_epochs * self.num_iterations_per_epoch
+        step = self.current_epoch * self.num_iterations_per_epoch + self.iteration_in_epoch
+        return sigmoid_rampup(step, round(self.branch_rampup_fraction * total))
+
+    def on_train_epoch_start(self):
+        """nnU-Net's epoch start; the step count within the epoch restarts."""
+        super().on_train_epoch_start()
+        self.iteration_in_epoch = 0
+
+    def monitor_probe(self) -> tuple[list[torch.Tensor], float] | None:
+        """(encoder parameters, AMP loss scale) when this step probes gradient norms, else None."""
+        if not self.monitor.is_probe(self.iteration_in_epoch):
+            return None
+        scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        return [p for p in self.multitask_network.encoder.parameters() if p.requires_grad], scale
+
+    def branch_stats(self, prefix_key: str, weighted_loss: torch.Tensor) -> dict[str, float]:
+        """The monitor's values of one branch pass: its unweighted loss under ``prefix_key`` and the branch's own
+        statistics (``last_stats``: e.g. CPC's vector norm and chance), suffixed like ``prefix_key``."""
+        branch = self.multitask_network.branch
+        suffix = prefix_key.removeprefix("branch_loss")
+        stats = {prefix_key: float(weighted_loss) / branch.weight if branch.weight else None}
+        for key, value in getattr(branch, "last_stats", {}).items():
+            stats[key if key == "chance" else key + suffix] = float(value)
+        return stats
+
+    def after_unlabeled_backward(self, applied_loss: torch.Tensor) -> None:
+        """Monitor the unlabeled branch pass whose backward just ran (right after nnU-Net's ``zero_grad``, so the
+        encoder's ``.grad`` holds exactly its gradient): its loss, and on probe steps that gradient's norm."""
+        probe = self.monitor_probe()
+        norm = accumulated_grad_norm(*probe) if probe is not None else None
+        weighted = applied_loss / self.loss.factor if self.loss.factor else applied_loss  # without the ramp
+        self.monitor.add(encoder_grad_branch_unlabeled=norm, **self.branch_stats("branch_loss_unlabeled", weighted))
+
     def branch_masks(self, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Binary masks (B, K, *spatial) from nnU-Net's full-resolution training target."""
         t = target[0] if isinstance(target, (list, tuple)) else target
@@ -175,20 +248,40 @@ class MultiTaskTrainer(ExtTrainer):
         return BranchBatch(target)
 
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's train_step, with the branch input handed to the network first."""
+        """nnU-Net's train_step, with the branch input handed to the network and the branch weight's ramp and the
+        monitor's probe to the loss first; the step's values go to the monitor."""
         self.multitask_network.pending = self.branch_batch(batch)
+        self.loss.factor = self.branch_weight_factor()
+        self.loss.probe = self.monitor_probe()
         try:
             result = super().train_step(batch)
         finally:
             self.multitask_network.pending = None
+            self.loss.probe = None
         result.update({k: v.cpu().numpy() for k, v in self.loss.last.items()})
+        self.monitor.add(weight=self.loss.factor * self.multitask_network.branch.weight, **self.loss.last_probe,
+                         **self.branch_stats("branch_loss", self.loss.last["branch_loss"]))
+        self.iteration_in_epoch += 1
         return result
+
+    def on_epoch_end(self):
+        """The epoch's monitor record (with nnU-Net's pseudo Dice of this epoch) is closed before nnU-Net's epoch end
+        saves a checkpoint, and written to the fold folder after it."""
+        dice = self.logger.get_value("dice_per_class_or_region", step=None)
+        record = self.monitor.end_epoch(self.current_epoch, dice[self.current_epoch]
+                                        if len(dice) > self.current_epoch else None)
+        self.print_to_log_file(self.monitor.summary(record))
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            self.monitor.write(self.output_folder, {"trainer": type(self).__name__, "fold": self.fold,
+                                                    "title": f"{type(self).__name__} fold {self.fold}"})
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
         """``branch_weights`` and ``branch_class`` (the optimizer state already covers the branch)."""
         branch = self.multitask_network.branch
-        return {"branch_weights": branch.state_dict(), "branch_class": type(branch).__name__}
+        return {"branch_weights": branch.state_dict(), "branch_class": type(branch).__name__,
+                "branch_monitor": self.monitor.state_dict()}
 
     def restore_checkpoint_extras(self, checkpoint: dict, source: str) -> None:
         """The branch weights (an error if they are missing)."""
@@ -196,3 +289,5 @@ class MultiTaskTrainer(ExtTrainer):
             raise RuntimeError(f"{source}: checkpoint has no 'branch_weights'; it was not "
                                f"written by a {type(self).__name__} and cannot resume its branch.")
         self.multitask_network.branch.load_state_dict(checkpoint["branch_weights"])
+        if "branch_monitor" in checkpoint:  # absent in checkpoints of earlier versions: the curves start anew
+            self.monitor.load_state_dict(checkpoint["branch_monitor"])

@@ -149,13 +149,15 @@ class SemiSupervisedMixin(UnlabeledPoolMixin):
             self.dataloader_unlabeled._finish()
 
     def unlabeled_backward(self, data: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of the branch loss on an unlabeled batch (scaled like nnU-Net's loss under AMP);
-        the gradient accumulates into the parameters' ``.grad``. Runs the unwrapped network, outside DDP's
-        forward, so DDP leaves these gradients local until the labeled backward averages the sum."""
+        """Forward and backward of the branch loss on an unlabeled batch, with the branch weight's ramp at this step
+        (scaled like nnU-Net's loss under AMP); the gradient accumulates into the parameters' ``.grad``, and the
+        branch monitor reads it. Runs the unwrapped network, outside DDP's forward, so DDP leaves these gradients
+        local until the labeled backward averages the sum."""
         data = data.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            loss = self.multitask_network.branch_loss(data)
+            loss = self.loss.factor * self.multitask_network.branch_loss(data)
         (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+        self.after_unlabeled_backward(loss.detach())
         return loss.detach()
 
     def train_step(self, batch: dict) -> dict:
