@@ -32,6 +32,11 @@ class CPCSegTrainer(MultiTaskTrainer):
     # context network itself (one SGD for all parameters): at 0.01 InfoNCE fell only from 2.09 to 1.85
     # (chance ln 8 = 2.08) in 40 iterations on the demo data.
     branch_kwargs = {"weight": 0.05}
+    # The weight ramps up over the first 20 % of the steps (the mean teacher's ramp, fixed before any comparison was
+    # seen): at initialisation CPC pulls on the shared encoder 4-8x harder than the segmentation loss
+    # (branch_monitor.json of the cpu-evidence cells), and nnU-Net's SGD with momentum 0.99 carries the first
+    # steps' direction for ~100 more (docs/study.md, "CPC stability"). CPCSegConstTrainer keeps the paper's constant.
+    branch_rampup_fraction = 0.2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -55,3 +60,16 @@ class ssCPCSegTrainer(SemiSupervisedMixin, CPCSegTrainer):
     """CPCSeg that also learns the CPC branch from unlabeled images (paper's ssCPCseg)."""
 
     trainer_spec = TrainerSpec(base="ssCPCSegTrainer")
+
+
+class CPCSegConstTrainer(CPCSegTrainer):
+    """CPCSeg with the branch weight constant from the first step, as in the paper (no ramp)."""
+
+    trainer_spec = TrainerSpec(base="CPCSegConstTrainer")
+    branch_rampup_fraction = 0.0
+
+
+class ssCPCSegConstTrainer(SemiSupervisedMixin, CPCSegConstTrainer):
+    """ssCPCSeg with the branch weight constant from the first step, as in the paper (no ramp)."""
+
+    trainer_spec = TrainerSpec(base="ssCPCSegConstTrainer")
