@@ -3,6 +3,8 @@
 PLANNERS = {
     "nnUNetPlannerCPU": "nnunet_ext.planners.cpu",
     "nnUNetPlannerCPUGN": "nnunet_ext.planners.groupnorm",
+    "nnUNetPlannerCPU96": "nnunet_ext.planners.cpu",
+    "nnUNetPlannerCPU96GN": "nnunet_ext.planners.groupnorm",
     "nnUNetPlannerGN": "nnunet_ext.planners.groupnorm",
     "nnUNetPlannerResEncMGN": "nnunet_ext.planners.groupnorm",
 }

@@ -34,3 +34,16 @@ class nnUNetPlannerCPU(ExperimentPlanner):
         plan["median_image_size_in_voxels"] = median_shape
         plan["batch_size"] = min(plan["batch_size"], self.max_batch_size)
         return plan
+
+
+class nnUNetPlannerCPU96(nnUNetPlannerCPU):
+    """:class:`nnUNetPlannerCPU` with patch edges up to 96 voxels -> ``nnUNetCPU96Plans``: room for five CPC sub-patch
+    positions (32-voxel sub-patches, stride 16) along an axis of 96, where a 64-voxel patch holds three."""
+
+    max_patch_edge = 96
+
+    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "nnUNetCPU96Plans",
+                 overwrite_target_spacing=None, suppress_transpose: bool = False):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)

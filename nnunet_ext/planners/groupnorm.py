@@ -13,7 +13,7 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
     nnUNetPlannerResEncM,
 )
 
-from nnunet_ext.planners.cpu import nnUNetPlannerCPU
+from nnunet_ext.planners.cpu import nnUNetPlannerCPU, nnUNetPlannerCPU96
 
 GROUP_NORM = "nnunet_ext.nn.GroupNorm"  # public API: plans files store this path
 
@@ -52,6 +52,13 @@ class nnUNetPlannerCPUGN(GroupNormPlansMixin, nnUNetPlannerCPU):
     """The small CPU planner with GroupNorm -> ``nnUNetCPUGNPlans`` (the demo's plans)."""
 
     default_plans_name = "nnUNetCPUGNPlans"
+
+
+class nnUNetPlannerCPU96GN(GroupNormPlansMixin, nnUNetPlannerCPU96):
+    """The CPU planner with patch edges up to 96 and GroupNorm -> ``nnUNetCPU96GNPlans`` (the cpu-evidence-96
+    preset's plans)."""
+
+    default_plans_name = "nnUNetCPU96GNPlans"
 
 
 def norm_op_of(plans: dict, configuration: str) -> str | None:
