@@ -20,8 +20,9 @@ nnssl's source at commit 7044864 (``training/nnsslTrainer/AbstractTrainer.py::sa
 The mapping follows nnU-Net master's fine-tuning path (``PretrainedTrainer.load_pretrained_weights``, read at
 commit 0e49508): the encoder and stem are loaded under the planned network's prefixes, a stem pretrained on one
 input channel is repeated over the plan's channels and divided by their number, the decoder and segmentation layers
-start from scratch. Unlike master, every encoder and stem tensor must fit (a partial encoder is refused, naming what
-to plan), and transformer checkpoints (Primus) are refused by name, since no plan of released nnU-Net builds them.
+start from scratch. As there (PyTorch's strict ``load_state_dict``), every encoder and stem tensor must fit; here the
+refusal names what to plan. Transformer checkpoints (Primus) are refused by name, since no plan of released nnU-Net
+builds them; master's ``DynamicPretrainedTrainer`` (kernels averaged, stages cut or added) is not reproduced.
 """
 
 from __future__ import annotations

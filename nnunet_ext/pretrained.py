@@ -182,7 +182,8 @@ def apply_transfer(module: nn.Module, transfer: Transfer, log: Callable[[str], N
             if key in transfer.adapted:
                 entry["how"] = transfer.adapted[key]
         elif source is not None:
-            entry = {"status": "loaded", "from": transfer.origin[source], "loaded_with": source}
+            entry = {"status": "adapted" if source in transfer.adapted else "loaded", "from": transfer.origin[source],
+                     "loaded_with": source}
         else:
             entry = {"status": "skipped" if _skipped(key) else "not loaded",
                      "why": transfer.not_loaded.get(key, "not in the file")}

@@ -364,3 +364,8 @@ def test_study_refuses_a_checkpoint_that_does_not_fit_before_anything_trains(fak
     assert "PseudoLabel cells train through `nnunet-ext self-train`" in capsys.readouterr().err
     assert study("--trainers", "EncDec", "--labels", "3", "-p", LIKE, "--pretrained", str(tmp_path / "no.pth")) == 2
     assert "--pretrained" in capsys.readouterr().err and fake_nnunet.calls == []
+    write_like_plans(fake_nnunet.preprocessed)  # the checkpoint fits, but CPC beside EncDec needs GroupNorm plans
+    assert study("--trainers", "EncDec", "CPCSeg", "--labels", "3", "-p", LIKE, "--pretrained", checkpoint) == 2
+    err = capsys.readouterr().err
+    assert "`nnunet-ext plan -d 42 --like-pretrained checkpoint_final.pth --group-norm --preprocess` and rerun with " \
+           "-p nnUNetLikePretrainedGNPlans" in err and fake_nnunet.calls == []

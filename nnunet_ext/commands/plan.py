@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-pl", default="nnUNetPlannerCPU",
                         help=f"planner class: one of ours {sorted(PLANNERS)} or any nnU-Net planner name")
     parser.add_argument("-gpu_memory_target", type=float, default=None, help="GPU memory target in GB")
-    parser.add_argument("-overwrite_plans_name", default=None, help="custom plans identifier")
+    parser.add_argument("-overwrite_plans_name", default=None,
+                        help="custom plans identifier (with --like-pretrained: of the like-pretrained plans)")
     parser.add_argument("-np", type=int, default=None, help="processes for fingerprint extraction")
     parser.add_argument("--verify_dataset_integrity", action="store_true",
                         help="run nnU-Net's dataset integrity check during fingerprint extraction")
