@@ -334,11 +334,10 @@ _PRETRAINED_TARGETS: weakref.WeakKeyDictionary[nn.Module, tuple[Callable[[str], 
     weakref.WeakKeyDictionary()
 
 
-def accept_pretrained_weights(network: nn.Module, log: Callable[[str], None], record_folder: str | None = None) -> None:
+def accept_pretrained_weights(network: nn.Module, log: Callable[[str], None], record_folder: str) -> None:
     """Make ``nnUNetv2_train -pretrained_weights`` load into ``network`` (an nnunet_ext trainer's) with
     :func:`nnunet_ext.pretrained.load_pretrained`, logging through ``log`` and recording every key in
-    ``record_folder`` (default: the ``output_folder`` of the trainer whose ``print_to_log_file`` is ``log``, i.e.
-    the fold's folder, beside its checkpoints).
+    ``record_folder`` (the fold's folder, beside its checkpoints).
 
     ``nnunetv2.run.run_training.maybe_load_checkpoint`` calls the module's ``load_pretrained_weights(network,
     fname, verbose=True)`` after ``initialize``; it has no trainer hook and asserts that every tensor but the
@@ -365,6 +364,4 @@ def accept_pretrained_weights(network: nn.Module, log: Callable[[str], None], re
 
         dispatch.nnunet_ext_dispatch = True
         run_training.load_pretrained_weights = dispatch
-    if record_folder is None:
-        record_folder = getattr(getattr(log, "__self__", None), "output_folder", None)
     _PRETRAINED_TARGETS[network] = (log, record_folder)

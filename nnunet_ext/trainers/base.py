@@ -69,7 +69,7 @@ class ExtTrainer(nnUNetTrainer):
     def initialize(self):
         """nnU-Net's initialize; ``-pretrained_weights`` then loads whatever matches (``nnunet_ext.pretrained``)."""
         super().initialize()
-        accept_pretrained_weights(self.network, self.print_to_log_file)
+        accept_pretrained_weights(self.network, self.print_to_log_file, record_folder=self.output_folder)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
