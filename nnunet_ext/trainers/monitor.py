@@ -111,12 +111,12 @@ class BranchMonitor:
         with open(path + ".partial", "w") as f:
             json.dump({**meta, "probes_per_epoch": self.probes, "epochs": self.records}, f, indent=1)
         os.replace(path + ".partial", path)
-        plot_records(self.records, os.path.join(folder, MONITOR_PLOT), meta.get("title", ""))
+        plot_records(self.records, os.path.join(folder, MONITOR_PLOT), meta.get("title", ""), meta.get("names", ()))
 
 
-def plot_records(records: Sequence[dict], filename: str, title: str = "") -> None:
+def plot_records(records: Sequence[dict], filename: str, title: str = "", names: Sequence[str] = ()) -> None:
     """Four panels over the epochs: encoder gradient norms (log scale), branch loss and chance, the applied weight
-    and vector norms, and nnU-Net's pseudo Dice per class or region."""
+    and vector norms, and nnU-Net's pseudo Dice per class or region (labelled with ``names`` where given)."""
     import matplotlib
 
     matplotlib.use("agg")
@@ -129,37 +129,39 @@ def plot_records(records: Sequence[dict], filename: str, title: str = "") -> Non
     def series(key):
         return [r.get(key, np.nan) for r in records]
 
-    fig, axes = plt.subplots(4, 1, figsize=(10, 14), sharex=True)
-    for key, style in zip(GRAD_KEYS, ("k-", "r-", "m--"), strict=True):
-        if any(key in r for r in records):
-            axes[0].plot(epochs, series(key), style, label=key.removeprefix("encoder_grad_"))
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("encoder gradient norm")
-    for key, style in (("branch_loss", "r-"), ("branch_loss_unlabeled", "m--"), ("chance", "k:")):
-        if any(key in r for r in records):
-            axes[1].plot(epochs, series(key), style, label=key)
-    axes[1].set_ylabel("branch loss (unweighted)")
-    for key, style in (("weight", "b-"),):
-        axes[2].plot(epochs, series(key), style, label=key)
-    axes[2].set_ylabel("branch weight")
-    if any("vector_norm" in r for r in records):
-        twin = axes[2].twinx()
-        twin.plot(epochs, series("vector_norm"), "g-", label="vector norm")
-        if any("vector_norm_unlabeled" in r for r in records):
-            twin.plot(epochs, series("vector_norm_unlabeled"), "g--", label="vector norm (unlabeled)")
-        twin.set_ylabel("pooled vector norm")
-        twin.legend(loc="lower right")
-    dice = [r.get("pseudo_dice") for r in records]
-    n = max((len(d) for d in dice if d), default=0)
-    for i in range(n):
-        axes[3].plot(epochs, [d[i] if d and i < len(d) else np.nan for d in dice], label=f"pseudo Dice {i + 1}")
-    axes[3].set_ylabel("validation pseudo Dice")
-    axes[3].set_xlabel("epoch")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right")
-    if title:
-        axes[0].set_title(title)
-    fig.tight_layout()
-    fig.savefig(filename)
-    plt.close(fig)
+    # matplotlib's own style: nnU-Net's progress plot sets seaborn's 2.5x fonts for the whole process
+    with plt.style.context("default"):
+        fig, axes = plt.subplots(4, 1, figsize=(9, 12), sharex=True)
+        for key, style in zip(GRAD_KEYS, ("k-", "r-", "m--"), strict=True):
+            if any(key in r for r in records):
+                axes[0].plot(epochs, series(key), style, label=key.removeprefix("encoder_grad_"))
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("encoder gradient norm")
+        for key, style in (("branch_loss", "r-"), ("branch_loss_unlabeled", "m--"), ("chance", "k:")):
+            if any(key in r for r in records):
+                axes[1].plot(epochs, series(key), style, label=key)
+        axes[1].set_ylabel("branch loss (unweighted)")
+        axes[2].plot(epochs, series("weight"), "b-", label="applied weight")
+        axes[2].set_ylabel("branch weight")
+        if any("vector_norm" in r for r in records):
+            twin = axes[2].twinx()
+            twin.plot(epochs, series("vector_norm"), "g-", label="vector norm")
+            if any("vector_norm_unlabeled" in r for r in records):
+                twin.plot(epochs, series("vector_norm_unlabeled"), "g--", label="vector norm (unlabeled)")
+            twin.set_ylabel("pooled vector norm")
+            twin.legend(loc="lower right")
+        dice = [r.get("pseudo_dice") for r in records]
+        n = max((len(d) for d in dice if d), default=0)
+        for i in range(n):
+            name = names[i] if i < len(names) else f"{i + 1}"
+            axes[3].plot(epochs, [d[i] if d and i < len(d) else np.nan for d in dice], label=f"pseudo Dice {name}")
+        axes[3].set_ylabel("validation pseudo Dice")
+        axes[3].set_xlabel("epoch")
+        for ax in axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="upper left", fontsize="small")
+        if title:
+            axes[0].set_title(title, fontsize="medium")
+        fig.tight_layout()
+        fig.savefig(filename, dpi=80)
+        plt.close(fig)

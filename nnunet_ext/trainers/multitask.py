@@ -273,7 +273,8 @@ class MultiTaskTrainer(ExtTrainer):
         self.print_to_log_file(self.monitor.summary(record))
         super().on_epoch_end()
         if self.local_rank == 0:
-            self.monitor.write(self.output_folder, {"trainer": type(self).__name__, "fold": self.fold,
+            names = [name for name in self.dataset_json["labels"] if name != "background"]
+            self.monitor.write(self.output_folder, {"trainer": type(self).__name__, "fold": self.fold, "names": names,
                                                     "title": f"{type(self).__name__} fold {self.fold}"})
 
     # -- checkpoints --------------------------------------------------------------------------------
