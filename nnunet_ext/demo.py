@@ -25,8 +25,8 @@ def prepare_dataset(args: argparse.Namespace, env: dict[str, str]) -> str:
     """Write the demo dataset (unless present), plan it with the CPU GroupNorm planner and preprocess it (and its
     unlabeled images when a semi-supervised trainer is compared); return its raw folder."""
     return prepare_synthetic_dataset(env, args.d, DEMO.configuration, os.path.join(args.output, "logs"),
-                                     unlabeled=any(map(is_semi_supervised, args.trainers)),
-                                     num_train=args.num_train, num_test=args.num_test,
+                                     unlabeled=any(map(is_semi_supervised, args.trainers)), planner=DEMO.planner,
+                                     plans=DEMO.plans, num_train=args.num_train, num_test=args.num_test,
                                      num_unlabeled=args.num_unlabeled, shape=args.shape, seed=args.seed)
 
 

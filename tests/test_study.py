@@ -253,6 +253,23 @@ def test_evidence_preset_is_fixed_and_prepares_its_own_dataset(monkeypatch):
             ["study", "--preset", "cpu-evidence", "-c", "3d_fullres"])), {})
 
 
+@pytest.mark.parametrize("preset, dataset_id, plans, planner, seed, shape", [
+    ("cpu-evidence-confirm", 988, "nnUNetCPUGNPlans", "nnUNetPlannerCPUGN", 2, (40, 72, 96)),
+    ("cpu-evidence-96", 987, "nnUNetCPU96GNPlans", "nnUNetPlannerCPU96GN", 3, (40, 96, 128)),
+])
+def test_cpc_stability_presets_prepare_their_own_data(monkeypatch, preset, dataset_id, plans, planner, seed, shape):
+    """The confirmation preset draws cpu-evidence's recipe with another seed; the 96 preset plans 96-voxel patches."""
+    args = resolve_options(cli.build_parser("study").parse_args(["study", "--preset", preset]))
+    assert (args.d, args.plans, args.configuration, args.repeats, args.folds) == (dataset_id, plans, "2d", 5, [0])
+    assert args.trainers[:3] == ["EncDec", "CPCSeg", "ssCPCSeg"]
+    prepared = []
+    monkeypatch.setattr(prepare, "prepare_synthetic_dataset", lambda *a, **k: prepared.append((a, k)))
+    prepare_preset_dataset(args, {})
+    (_, prepared_id, configuration, _), kwargs = prepared[0]
+    assert (prepared_id, configuration, kwargs["planner"], kwargs["plans"]) == (dataset_id, "2d", planner, plans)
+    assert kwargs == dict(prepare.EVIDENCE.data, seed=seed, shape=shape, unlabeled=True, planner=planner, plans=plans)
+
+
 def test_preset_prepares_the_demo_dataset_with_the_demo_arguments(monkeypatch):
     from nnunet_ext import demo
 

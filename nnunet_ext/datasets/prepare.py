@@ -25,12 +25,14 @@ ROOT = "nnunet_ext_demo"  # where the demo and the presets keep nnU-Net's folder
 
 @dataclass(frozen=True)
 class SyntheticSetup:
-    """A synthetic dataset as trained on: its id, the configuration it is preprocessed for, and the keyword
-    arguments of ``make_demo_dataset`` that write it."""
+    """A synthetic dataset as trained on: its id, the configuration it is preprocessed for, the keyword
+    arguments of ``make_demo_dataset`` that write it, and the planner and plans it is planned with."""
 
     dataset_id: int
     configuration: str
     data: dict
+    planner: str = PLANNER
+    plans: str = PLANS
 
 
 # the demo's data (and the cpu-smoke preset's): 20 training, 4 test and 16 unlabeled cases of 52 x 52 x 72 voxels
@@ -39,12 +41,19 @@ DEMO = SyntheticSetup(DEFAULT_DATASET_ID, "3d_fullres",
 # the cpu-evidence preset's data (docs/study.md): more brain, tumour and scanner variety than 3-6 labeled cases show
 EVIDENCE = SyntheticSetup(989, "2d", {"num_train": 40, "num_test": 20, "num_unlabeled": 60, "shape": (40, 72, 96),
                                       "seed": 1, "variety": True})
+# the same recipe drawn with another seed: where a rule decided on EVIDENCE is confirmed without retuning (#19)
+EVIDENCE_CONFIRM = SyntheticSetup(988, "2d", dict(EVIDENCE.data, seed=2))
+# larger slices (median 82 x 108 after cropping) planned with 96-voxel patch edges: five CPC positions on the
+# prediction axis instead of three (the cpu-evidence-96 preset, docs/study.md)
+EVIDENCE_96 = SyntheticSetup(987, "2d", dict(EVIDENCE.data, shape=(40, 96, 128), seed=3),
+                             planner="nnUNetPlannerCPU96GN", plans="nnUNetCPU96GNPlans")
 
 
 def prepare_synthetic_dataset(env: dict[str, str], dataset_id: int, configuration: str, log_folder: str,
-                              unlabeled: bool, **make_kwargs) -> str:
+                              unlabeled: bool, planner: str = PLANNER, plans: str = PLANS, **make_kwargs) -> str:
     """The synthetic dataset ``dataset_id`` (``make_demo_dataset(**make_kwargs)`` unless it exists), planned with
-    :data:`PLANNER` and preprocessed for ``configuration``; with ``unlabeled`` also its imagesUnlabeled.
+    ``planner`` (default :data:`PLANNER`, plans ``plans``) and preprocessed for ``configuration``; with
+    ``unlabeled`` also its imagesUnlabeled.
 
     nnU-Net's planner fails with ``nnUNet_n_proc_DA=0``, which users set to debug training; planning and
     preprocessing run with 2 processes whatever it says. Returns the raw dataset folder.
@@ -58,15 +67,15 @@ def prepare_synthetic_dataset(env: dict[str, str], dataset_id: int, configuratio
         make_demo_dataset(dataset_id, env["nnUNet_raw"], **make_kwargs)
     env = dict(env, nnUNet_n_proc_DA="2")
     preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
-    if os.path.isdir(os.path.join(preprocessed, f"{PLANS}_{configuration}")):
+    if os.path.isdir(os.path.join(preprocessed, f"{plans}_{configuration}")):
         log(f"using existing preprocessed data in {preprocessed}", "prepare")
     else:
-        if not os.path.isfile(os.path.join(preprocessed, f"{PLANS}.json")):
-            run_command(["nnunet-ext", "plan", "-d", str(dataset_id), "-pl", PLANNER, "-np", "2"], env,
+        if not os.path.isfile(os.path.join(preprocessed, f"{plans}.json")):
+            run_command(["nnunet-ext", "plan", "-d", str(dataset_id), "-pl", planner, "-np", "2"], env,
                         os.path.join(log_folder, "plan.log"))
-        run_command(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", PLANS, "-c", configuration,
+        run_command(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", plans, "-c", configuration,
                      "-np", "2"], env, os.path.join(log_folder, "preprocess.log"))
     if unlabeled:  # skips cases already done
-        run_command(["nnunet-ext", "preprocess-unlabeled", "-d", str(dataset_id), "-p", PLANS, "-c", configuration,
+        run_command(["nnunet-ext", "preprocess-unlabeled", "-d", str(dataset_id), "-p", plans, "-c", configuration,
                      "-np", "2"], env, os.path.join(log_folder, "preprocess_unlabeled.log"))
     return raw
