@@ -200,9 +200,11 @@ def test_paired_table_gives_constant_shifts_with_zero_width_marked_intervals():
     assert table.startswith("#### 6 labels\n\n| model | unlabeled | region | repeats | ΔDice [95% CI] | Dice pairs | "
                             "Dice p | Dice p Holm | ΔHD95 (mm) [95% CI] | HD95 pairs | HD95 p | HD95 p Holm |")
     # 2 repeats x 20 cases; 20 per-case means all positive: exact two-sided Wilcoxon p = 2 / 2^20
+    # worst repeat: ET 0.6 / 0.5 at repeat 0, 0.7 / 0.6 at repeat 1; TC 0.7 / 0.6 and WT 0.8 / 0.7 on both (first kept)
     assert _rows_of(table) == [
         f"| CPCSeg | – | {g} | 2 | +0.1000 [+0.1000, +0.1000] * | 40 | <0.0001 | <0.0001 | "
-        "-2.00 [-2.00, -2.00] * | 40 | <0.0001 | <0.0001 |" for g in ("ET", "TC", "WT")]
+        f"-2.00 [-2.00, -2.00] * | 40 | <0.0001 | <0.0001 | {worst} |"
+        for g, worst in (("ET", "1.17 (repeat 1)"), ("TC", "1.17 (repeat 0)"), ("WT", "1.14 (repeat 0)"))]
     assert "seed 0" in table and "10000 resamples" in table and "test cases and the" in table
     assert "Holm over the 6 comparisons of this table with intervals; 6 of their unadjusted intervals exclude 0, " \
            "where about 0.3 would by chance alone if no model differed from EncDec." in table
@@ -223,7 +225,9 @@ def test_one_case_gives_the_mean_and_n_too_small_in_table_csv_and_plot(tmp_path)
     assert table.startswith("#### 6 labels (one repeat: the interval covers the spread between test cases only, "
                             "not between training runs)\n")
     assert _rows_of(table) == [f"| ssCPCSeg | – | {g} | 1 | -0.2135 (n too small) | 1 | 1.0000 | – | "
-                               "+17.71 (n too small) | 1 | 1.0000 | – |" for g in ("ET", "TC", "WT")]
+                               f"+17.71 (n too small) | 1 | 1.0000 | – | {worst} |"
+                               for g, worst in (("ET", "0.57 (repeat 0)"), ("TC", "0.64 (repeat 0)"),
+                                                ("WT", "0.69 (repeat 0)"))]  # 0.2865 / 0.5, 0.3865 / 0.6, ...
     assert f"No comparison in this table has {MIN_CASES} or more test cases: no interval, no star." in table
     assert f"An interval needs {MIN_CASES} distinct test cases with a pair" in table and "`n too small`" in table
     lines = _paired_csv(cases, tmp_path)
@@ -238,7 +242,8 @@ def test_identical_methods_on_20_cases_get_no_star(tmp_path):
     cases = _shifted("CPCSeg", 6, repeats=1, dice_shift=0.0, hd95_shift=0.0, n_cases=20)
     table = paired_tables(cases)
     assert _rows_of(table) == [f"| CPCSeg | – | {g} | 1 | +0.0000 [+0.0000, +0.0000] | 20 | 1.0000 | 1.0000 | "
-                               "+0.00 [+0.00, +0.00] | 20 | 1.0000 | 1.0000 |" for g in ("ET", "TC", "WT")]
+                               "+0.00 [+0.00, +0.00] | 20 | 1.0000 | 1.0000 | 1.00 (repeat 0) |"
+                               for g in ("ET", "TC", "WT")]
     assert not any(r["star"] == "True" for r in _paired_csv(cases, tmp_path))
     figure = paired_figure(cases)
     assert "*" not in _texts(figure) and _intervals_drawn(figure) == 3
@@ -281,6 +286,17 @@ def test_heading_says_when_intervals_cover_test_cases_only():
     assert paired_tables(_shifted("CPCSeg", 6, repeats=2)).startswith("#### 6 labels\n")
 
 
+def test_a_collapsed_repeat_is_flagged_with_its_ratio_to_the_baseline():
+    """Repeat 1 of ET at 0.2 against EncDec's 0.6 (ratio 0.33) is flagged; TC at 0.55 / 0.6 on both repeats is not."""
+    cases = _shifted("CPCSeg", 6, repeats=2, dice_shift=0.0, hd95_shift=0.0)
+    cases = [replace(c, dice=0.2 if c.region == "enhancing tumor" else c.dice - 0.05)
+             if (c.model, c.repeat) == ("CPCSeg", 1) else c for c in cases]
+    cases = [replace(c, dice=c.dice - 0.05) if (c.model, c.repeat, c.region) == ("CPCSeg", 0, "tumor core") else c
+             for c in cases]
+    worst = [row.split(" | ")[-1].removesuffix(" |") for row in _rows_of(paired_tables(cases))]
+    assert worst == ["0.33 (repeat 1) !", "0.92 (repeat 0)", "0.93 (repeat 1)"]
+
+
 def test_paired_table_counts_pairs_without_nan():
     cases = _shifted("CPCSeg", 6, repeats=1, policy="nan")
     cases = [replace(c, dice=math.nan) if (c.model, c.case, c.region) ==
@@ -293,9 +309,9 @@ def test_paired_table_says_when_there_is_no_baseline():
     cases = _shifted("CPCSeg", 6) + _cases("CPCSeg", 12, None, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), repeat=0)
     cases += _cases("VAESeg", 6, None, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), repeat=5)
     rows = _rows_of(paired_tables(cases))
-    assert "| VAESeg | – | – | – | no EncDec repeat matches repeats 5 (EncDec has 0 1) | – | – | – | – | – | – | – |" \
-        in rows
-    assert "| CPCSeg | – | – | – | no EncDec at 12 labels | – | – | – | – | – | – | – |" in rows
+    assert "| VAESeg | – | – | – | no EncDec repeat matches repeats 5 (EncDec has 0 1) | – | – | – | – | – | – | – " \
+        "| – |" in rows
+    assert "| CPCSeg | – | – | – | no EncDec at 12 labels | – | – | – | – | – | – | – | – |" in rows
     assert paired_tables(_cases("CPCSeg", 6, None, (0.5,) * 3, (1.0,) * 3)) == \
         "No EncDec cells, so no paired differences (choose the baseline model with --baseline)."
 

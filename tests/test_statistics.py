@@ -19,6 +19,7 @@ from nnunet_ext.evaluation.statistics import (
     paired_differences,
     starred,
     wilcoxon_p,
+    worst_repeat_ratio,
 )
 
 
@@ -176,3 +177,15 @@ def test_mean_and_std_over_repeats():
     assert mean_and_std([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02), 2))
     mean, std, n = mean_and_std([0.5, math.nan])
     assert (mean, n) == (0.5, 1) and math.isnan(std)
+
+
+def test_worst_repeat_ratio_by_hand():
+    # repeat 0: (0.2 + 0.4) / (0.6 + 0.6) = 0.5; repeat 1: 0.8 / 0.8 = 1; repeat 2: only case 1 is paired, 0.3 / 0.9
+    # (the baseline's 0.1 on case 0 does not count); repeat 3: the baseline's mean is 0 (no ratio)
+    method = [[0.2, 0.4], [0.8, 0.8], [np.nan, 0.3], [0.5, 0.5]]
+    baseline = [[0.6, 0.6], [0.8, 0.8], [0.1, 0.9], [0.0, 0.0]]
+    assert worst_repeat_ratio(method, baseline) == (pytest.approx(1 / 3), 2)
+    assert worst_repeat_ratio(method[:2], baseline[:2]) == (pytest.approx(0.5), 0)
+    assert worst_repeat_ratio([[0.9, 0.9]], [[0.6, 0.6]]) == (pytest.approx(1.5), 0)
+    ratio, repeat = worst_repeat_ratio([[np.nan]], [[0.5]])
+    assert np.isnan(ratio) and repeat == -1

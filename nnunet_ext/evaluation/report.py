@@ -43,6 +43,7 @@ import numpy as np
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES, EMPTY_POLICY_DESCRIPTIONS, check_policy
 from nnunet_ext.evaluation.statistics import (
     ALPHA,
+    COLLAPSE_RATIO,
     CONFIDENCE,
     MIN_CASES,
     N_RESAMPLES,
@@ -54,6 +55,7 @@ from nnunet_ext.evaluation.statistics import (
     mean_and_std,
     paired_differences,
     starred,
+    worst_repeat_ratio,
 )
 
 if TYPE_CHECKING:
@@ -400,6 +402,14 @@ def _family_note(rows: Sequence[PairedRow], baseline: str) -> str:
             f"from {baseline}.")
 
 
+def _worst_repeat(method: np.ndarray, baseline: np.ndarray, repeats: Sequence[int]) -> str:
+    """``ratio (repeat k)`` of :func:`worst_repeat_ratio`, ``!`` below 0.5; ``–`` without a ratio."""
+    ratio, index = worst_repeat_ratio(method, baseline)
+    if math.isnan(ratio):
+        return "–"
+    return f"{ratio:.2f} (repeat {repeats[index]}){' !' if ratio < COLLAPSE_RATIO else ''}"
+
+
 def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: str = BASELINE) -> str:
     """Per label budget, the paired differences of every other model's cells to ``baseline`` under one policy."""
     index = index_cases(cases)
@@ -411,6 +421,7 @@ def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: 
         name = METRIC_NAMES[m]
         head += [f"Δ{name}{' (mm)' if 'hd95' in m else ''} [{confidence} CI]", f"{name} pairs", f"{name} p",
                  f"{name} p Holm"]
+    head.append(f"Dice ÷ {baseline}, worst repeat")
     found, blocks = pairings(index, baseline), []
     rows = {(r.pairing.method, r.region, r.metric): r for r in paired_rows(cases, policy, baseline)}
     for budget in dict.fromkeys(p.method.labels for p in found):
@@ -420,7 +431,7 @@ def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: 
         for pairing in budget_pairings:
             start = f"| {pairing.method.model} | {_unlabeled_cell(pairing.method.unlabeled, used[pairing.method])} |"
             if pairing.missing:
-                lines.append(f"{start} " + " | ".join(["–", "–", pairing.missing, *["–"] * (4 * len(metrics) - 1)])
+                lines.append(f"{start} " + " | ".join(["–", "–", pairing.missing, *["–"] * (4 * len(metrics))])
                              + " |")
                 continue
             for region in region_order(cases):
@@ -429,6 +440,7 @@ def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: 
                     row = rows[pairing.method, region, metric]
                     entries += [_interval(row), str(row.result.n_pairs), _p_value(row.result.p_value),
                                 "–" if math.isnan(row.p_holm) else _p_value(row.p_holm)]
+                entries.append(_worst_repeat(*paired_values(index, pairing, policy, region, "dice"), pairing.repeats))
                 lines.append(f"{start} {region_label(region)} | {len(pairing.repeats)} | " + " | ".join(entries) + " |")
         budget_rows = [r for r in rows.values() if r.pairing.method.labels == budget]
         blocks.append("\n".join(lines) + ("\n\n" + _family_note(budget_rows, baseline) if budget_rows else ""))
@@ -443,7 +455,10 @@ def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: 
             "simulated data sets even when the differences were normal, docs/study.md). "
             "p: two-sided Wilcoxon signed-rank test of the per-case differences averaged over the repeats; "
             "p Holm: adjusted by Holm's method over the comparisons of its table (every model, region and metric "
-            f"with an interval). * marks an interval that excludes 0 whose Holm-adjusted p is below {ALPHA}.")
+            f"with an interval). * marks an interval that excludes 0 whose Holm-adjusted p is below {ALPHA}. "
+            f"Dice ÷ {baseline}, worst repeat: per repeat, the model's mean Dice over the paired test cases divided by "
+            f"{baseline}'s on the same repeat and cases; the lowest, with its repeat; ! below {COLLAPSE_RATIO} (the "
+            "model lost more than half of what the baseline reached with the same seed and labeled cases).")
     return "\n\n".join([*blocks, note])
 
 

@@ -54,6 +54,7 @@ CONFIDENCE = 0.95
 SEED = 0
 ALPHA = 0.05
 MIN_CASES = 10
+COLLAPSE_RATIO = 0.5  # a repeat below half of the baseline's Dice on the same seed is flagged (worst_repeat_ratio)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,23 @@ def compare(method: ArrayLike, baseline: ArrayLike, n_resamples: int = N_RESAMPL
     enough = n_cases >= min_cases
     low, high = bootstrap_ci(differences, n_resamples, confidence, seed) if enough else (math.nan, math.nan)
     return PairedComparison(mean, low, high, int(valid.sum()), n_cases, wilcoxon_p(differences), min_cases)
+
+
+def worst_repeat_ratio(method: ArrayLike, baseline: ArrayLike) -> tuple[float, int]:
+    """(ratio, repeat) of the repeat whose mean over the paired cases is lowest relative to the baseline's mean on
+    the same repeat and cases (``mean(method) / mean(baseline)``; two (R, C) arrays, NaN where absent). A repeat
+    without pairs, or whose baseline mean is 0, has no ratio; (NaN, -1) when none has. Below 0.5: a repeat in
+    which the method lost more than half of what the baseline reached on the same seed (a collapse, not noise)."""
+    method, baseline = np.asarray(method, dtype=float), np.asarray(baseline, dtype=float)
+    paired_differences(method, baseline)  # checks the shapes
+    worst = (math.nan, -1)
+    for repeat, (m, b) in enumerate(zip(method, baseline, strict=True)):
+        both = ~np.isnan(m) & ~np.isnan(b)
+        if both.any() and b[both].mean() > 0:
+            ratio = float(m[both].mean() / b[both].mean())
+            if math.isnan(worst[0]) or ratio < worst[0]:
+                worst = (ratio, repeat)
+    return worst
 
 
 def holm(p_values: ArrayLike) -> np.ndarray:
