@@ -100,6 +100,22 @@ def test_interrupted_training_resumes_with_c(branch_dataset):
     assert re.search(r": Epoch 0$", out, re.M) is None
     final = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 3
+    from nnunet_ext.branches.cpc import cpc_grid
+
+    patch = json.load(open(os.path.join(ds["preprocessed"], f"{ds['plans']}.json")))["configurations"]["3d_fullres"][
+        "patch_size"]
+    # the branch monitor continues its curves: the checkpoint's records kept, one record per epoch, every part
+    monitor = json.load(open(os.path.join(folder, "branch_monitor.json")))
+    assert [r["epoch"] for r in monitor["epochs"]] == [0, 1, 2]
+    assert final["branch_monitor"]["records"] == monitor["epochs"]
+    kept = saved["branch_monitor"]["records"]
+    assert kept and monitor["epochs"][:len(kept)] == kept
+    for record in monitor["epochs"]:
+        for part in ("segmentation", "branch", "branch_unlabeled"):  # 4 iterations: every step probes
+            assert record[f"encoder_grad_{part}"] > 0 and record[f"encoder_grad_{part}_probes"] == 4
+        assert record["chance"] == pytest.approx(math.log(math.prod(cpc_grid(patch))))
+        assert record["branch_loss"] > 0 and record["branch_loss_unlabeled"] > 0 and len(record["pseudo_dice"]) == 3
+    assert os.path.isfile(os.path.join(folder, "branch_progress.png"))
 
 
 @pytest.mark.parametrize("trainer, expected", [
