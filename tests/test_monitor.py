@@ -90,7 +90,8 @@ def test_epoch_records_are_means_and_a_resumed_epoch_replaces_its_record(tmp_pat
 
 def ramp_at(fraction: float, epoch: int, iteration: int) -> float:
     trainer = SimpleNamespace(num_epochs=10, num_iterations_per_epoch=50, current_epoch=epoch,
-                              iteration_in_epoch=iteration, branch_rampup_fraction=fraction)
+                              iteration_in_epoch=iteration, branch_rampup_fraction=fraction,
+                              pull_cap_factor=lambda: 1.0)
     return MultiTaskTrainer.branch_weight_factor(trainer)
 
 
@@ -102,9 +103,31 @@ def test_branch_weight_ramps_over_its_share_of_the_steps():
     assert ramp_at(0.0, 0, 0) == 1.0  # constant weight from the first step
 
 
-def test_cpc_defaults_ramp_and_the_paper_constant_stays_by_name():
+def capped(cap, **pulls) -> float:
+    trainer = SimpleNamespace(branch_pull_cap=cap, pulls={})
+    MultiTaskTrainer.update_pulls(trainer, **pulls)
+    return MultiTaskTrainer.pull_cap_factor(trainer)
+
+
+def test_pull_cap_scales_the_branch_to_pull_at_most_cap_times_the_segmentation():
+    # labeled 0.4 + unlabeled 0.4 per unit of weight against the segmentation's 0.1: factor 0.1 / 0.8
+    assert capped(1.0, segmentation=0.1, branch=0.4, branch_unlabeled=0.4) == pytest.approx(0.125)
+    assert capped(2.0, segmentation=0.1, branch=0.4) == pytest.approx(0.5)
+    assert capped(1.0, segmentation=0.5, branch=0.4) == 1.0  # pulling less: never scaled up
+    assert capped(None, segmentation=0.1, branch=0.4) == 1.0  # no cap
+    assert capped(1.0, branch_unlabeled=0.4) == 1.0  # before the first labeled probe
+    trainer = SimpleNamespace(branch_pull_cap=1.0, pulls={})
+    MultiTaskTrainer.update_pulls(trainer, segmentation=0.1, branch=1.0)
+    MultiTaskTrainer.update_pulls(trainer, segmentation=0.3, branch=1.0)  # running average: (0.1 + 0.3) / 2
+    assert trainer.pulls == {"segmentation": pytest.approx(0.2), "branch": 1.0}
+    assert MultiTaskTrainer.pull_cap_factor(trainer) == pytest.approx(0.2)
+
+
+def test_cpc_defaults_ramp_and_cap_and_the_paper_constant_stays_by_name():
     assert CPCSegTrainer.branch_rampup_fraction == ssCPCSegTrainer.branch_rampup_fraction == 0.2
+    assert CPCSegTrainer.branch_pull_cap == ssCPCSegTrainer.branch_pull_cap == 1.0
     assert CPCSegConstTrainer.branch_rampup_fraction == ssCPCSegConstTrainer.branch_rampup_fraction == 0.0
+    assert CPCSegConstTrainer.branch_pull_cap is ssCPCSegConstTrainer.branch_pull_cap is None
     assert CPCSegConstTrainer.branch_kwargs == CPCSegTrainer.branch_kwargs  # only the ramp differs
     cls = trainer_class("ssCPCSegConstTrainer_6labels_10epochs_s2")
     assert issubclass(cls, ssCPCSegConstTrainer) and cls.branch_rampup_fraction == 0.0

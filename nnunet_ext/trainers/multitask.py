@@ -137,13 +137,16 @@ class MultiTaskTrainer(ExtTrainer):
 
     ``branch_rampup_fraction``: the branch weight ramps up as ``exp(-5 (1 - t)²)`` over that share of all training
     steps (:func:`~nnunet_ext.trainers.ramps.sigmoid_rampup`; 0: the constant weight from the first step, as in
-    the paper). ``monitor_probes``: gradient-norm probe steps per epoch of the branch monitor
-    (:mod:`nnunet_ext.trainers.monitor`; 0: none).
+    the paper). ``branch_pull_cap``: the branch's pull on the shared encoder (the gradient norm of its labeled and
+    unlabeled losses there, as applied) is held at most this multiple of the segmentation loss's, by scaling the
+    branch weight down (:meth:`pull_cap_factor`; None: no cap). ``monitor_probes``: gradient-norm probe steps per
+    epoch of the branch monitor (:mod:`nnunet_ext.trainers.monitor`; 0: none; the cap needs them).
     """
 
     branch_class: ClassVar[type[Branch]]
     branch_kwargs: ClassVar[dict] = {}
     branch_rampup_fraction: ClassVar[float] = 0.0
+    branch_pull_cap: ClassVar[float | None] = None
     monitor_probes: ClassVar[int] = 5
 
     # -- building -----------------------------------------------------------------------------------
@@ -154,12 +157,17 @@ class MultiTaskTrainer(ExtTrainer):
             super().initialize()
         self.loss = MultiTaskLoss(self.loss)
         self.iteration_in_epoch = 0
+        self.pulls: dict[str, float] = {}  # running estimates of the encoder pulls (see pull_cap_factor)
         probes = 0 if self.is_ddp else self.monitor_probes
         self.monitor = BranchMonitor(self.num_iterations_per_epoch, probes)
-        ramp = (f"ramped up over the first {self.branch_rampup_fraction:.0%} of the "
+        rule = (f"ramped up over the first {self.branch_rampup_fraction:.0%} of the "
                 f"{self.num_epochs * self.num_iterations_per_epoch} steps" if self.branch_rampup_fraction > 0
                 else "constant from the first step")
-        self.print_to_log_file(f"Branch weight {self.multitask_network.branch.weight:g}, {ramp}; branch monitor: "
+        if self.branch_pull_cap is not None:
+            rule += (f", scaled down wherever the branch would pull on the shared encoder harder than "
+                     f"{self.branch_pull_cap:g}x the segmentation loss"
+                     + (" (not under DDP: no probes there)" if not probes else ""))
+        self.print_to_log_file(f"Branch weight {self.multitask_network.branch.weight:g}, {rule}; branch monitor: "
                                f"{probes} gradient-norm probes per epoch"
                                f"{' (none under DDP)' if self.is_ddp else ''}, written to branch_monitor.json "
                                f"and branch_progress.png")
@@ -195,12 +203,29 @@ class MultiTaskTrainer(ExtTrainer):
 
     # -- training -----------------------------------------------------------------------------------
     def branch_weight_factor(self) -> float:
-        """The ramp of the branch weight at the current step (``current_epoch * iterations + iteration``, so ``--c``
-        resumes it exactly): :func:`~nnunet_ext.trainers.ramps.sigmoid_rampup` over ``branch_rampup_fraction`` of
-        the training steps; 1 when it is 0."""
+        """What the branch weight is multiplied by at the current step: the ramp
+        (:func:`~nnunet_ext.trainers.ramps.sigmoid_rampup` over ``branch_rampup_fraction`` of the training steps, 1
+        when it is 0; the step is ``current_epoch * iterations + iteration``, so ``--c`` resumes it exactly) times
+        :meth:`pull_cap_factor`."""
         total = self.num_epochs * self.num_iterations_per_epoch
         step = self.current_epoch * self.num_iterations_per_epoch + self.iteration_in_epoch
-        return sigmoid_rampup(step, round(self.branch_rampup_fraction * total))
+        return sigmoid_rampup(step, round(self.branch_rampup_fraction * total)) * self.pull_cap_factor()
+
+    def pull_cap_factor(self) -> float:
+        """``min(1, cap * segmentation / (branch + branch_unlabeled))`` of the running estimates of the encoder
+        gradient norms: the segmentation loss's, and the branch's per unit of factor on the labeled and the unlabeled
+        batch (their sum bounds the norm of their sum). The estimates are updated at every probe step
+        (:meth:`update_pulls`, an average that halves the weight of older probes), so the factor follows the pulls
+        with a lag of a few probes; 1 without a cap or before the first probe."""
+        if self.branch_pull_cap is None or "segmentation" not in self.pulls or "branch" not in self.pulls:
+            return 1.0
+        branch = self.pulls["branch"] + self.pulls.get("branch_unlabeled", 0.0)
+        return min(1.0, self.branch_pull_cap * self.pulls["segmentation"] / branch) if branch > 0 else 1.0
+
+    def update_pulls(self, **norms: float) -> None:
+        """Fold probe measurements (encoder gradient norms; the branch's per unit of factor) into the estimates."""
+        for key, value in norms.items():
+            self.pulls[key] = value if key not in self.pulls else 0.5 * self.pulls[key] + 0.5 * value
 
     def on_train_epoch_start(self):
         """nnU-Net's epoch start; the step count within the epoch restarts."""
@@ -229,6 +254,8 @@ class MultiTaskTrainer(ExtTrainer):
         encoder's ``.grad`` holds exactly its gradient): its loss, and on probe steps that gradient's norm."""
         probe = self.monitor_probe()
         norm = accumulated_grad_norm(*probe) if probe is not None else None
+        if norm is not None and self.loss.factor > 0:
+            self.update_pulls(branch_unlabeled=norm / self.loss.factor)
         weighted = applied_loss / self.loss.factor if self.loss.factor else applied_loss  # without the ramp
         self.monitor.add(encoder_grad_branch_unlabeled=norm, **self.branch_stats("branch_loss_unlabeled", weighted))
 
@@ -259,7 +286,11 @@ class MultiTaskTrainer(ExtTrainer):
             self.multitask_network.pending = None
             self.loss.probe = None
         result.update({k: v.cpu().numpy() for k, v in self.loss.last.items()})
-        self.monitor.add(weight=self.loss.factor * self.multitask_network.branch.weight, **self.loss.last_probe,
+        probe = self.loss.last_probe
+        if probe and self.loss.factor > 0:
+            self.update_pulls(segmentation=probe["encoder_grad_segmentation"],
+                              branch=probe["encoder_grad_branch"] / self.loss.factor)
+        self.monitor.add(weight=self.loss.factor * self.multitask_network.branch.weight, **probe,
                          **self.branch_stats("branch_loss", self.loss.last["branch_loss"]))
         self.iteration_in_epoch += 1
         return result
@@ -282,7 +313,7 @@ class MultiTaskTrainer(ExtTrainer):
         """``branch_weights`` and ``branch_class`` (the optimizer state already covers the branch)."""
         branch = self.multitask_network.branch
         return {"branch_weights": branch.state_dict(), "branch_class": type(branch).__name__,
-                "branch_monitor": self.monitor.state_dict()}
+                "branch_monitor": self.monitor.state_dict(), "branch_pulls": dict(self.pulls)}
 
     def restore_checkpoint_extras(self, checkpoint: dict, source: str) -> None:
         """The branch weights (an error if they are missing)."""
@@ -292,3 +323,4 @@ class MultiTaskTrainer(ExtTrainer):
         self.multitask_network.branch.load_state_dict(checkpoint["branch_weights"])
         if "branch_monitor" in checkpoint:  # absent in checkpoints of earlier versions: the curves start anew
             self.monitor.load_state_dict(checkpoint["branch_monitor"])
+        self.pulls = dict(checkpoint.get("branch_pulls", {}))
