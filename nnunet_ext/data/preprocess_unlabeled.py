@@ -23,6 +23,7 @@ import shutil
 from nnunet_ext.data.duplicates import CONTENT_SCHEME, ReferenceIndex, channel_contents, reference_index
 from nnunet_ext.data.pool import MANIFEST, UNLABELED_RAW, record_path, unlabeled_folder
 from nnunet_ext.data.raw_cases import file_signature, load_checked, raw_cases
+from nnunet_ext.files import write_json_atomic  # also imported from here by nnunet_ext.selftrain
 
 
 def duplicate_check(index: ReferenceIndex, channels: list[dict]) -> dict:
@@ -130,13 +131,6 @@ def _up_to_date(folder: str, case: str, files: list[str], index: ReferenceIndex)
               f"{record['duplicate_of'] or 'none'}): imagesTr/imagesTs changed", flush=True)
     write_json_if_changed(path, {**record, **check})
     return True
-
-
-def write_json_atomic(path: str, content: dict) -> None:
-    """Write JSON into place at once (a temporary file, then a rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def write_json_if_changed(path: str, content: dict) -> None:
