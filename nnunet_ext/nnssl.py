@@ -21,14 +21,19 @@ The mapping follows nnU-Net master's fine-tuning path (``PretrainedTrainer.load_
 commit 0e49508): the encoder and stem are loaded under the planned network's prefixes, a stem pretrained on one
 input channel is repeated over the plan's channels and divided by their number, the decoder and segmentation layers
 start from scratch. As there (PyTorch's strict ``load_state_dict``), every encoder and stem tensor must fit; here the
-refusal names what to plan. Transformer checkpoints (Primus) are refused by name, since no plan of released nnU-Net
-builds them; master's ``DynamicPretrainedTrainer`` (kernels averaged, stages cut or added) is not reproduced.
+refusal names what to plan. The pretraining network registers its encoder a second time under ``decoder.encoder``
+(dynamic_network_architectures' U-Nets), so those file keys are the encoder's tensors under other names: recorded as
+used, with the encoder key they alias. Transformer checkpoints (Primus) are refused by name, since no plan of
+released nnU-Net builds them; master's ``DynamicPretrainedTrainer`` (kernels averaged, stages cut or added) is not
+reproduced.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import pydoc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -60,6 +65,11 @@ RESENC_L = {
 # never loaded, has no skips)
 CNN_ARCHITECTURES = {"ResEncL": RESIDUAL_ENCODER_UNET, "NoSkipResEncL": RESIDUAL_ENCODER_UNET,
                      "ResidualEncoderUNet": RESIDUAL_ENCODER_UNET, "PlainConvUNet": PLAIN_CONV_UNET}
+# the keyword argument of each network for the blocks (residual) or convolutions (plain) per encoder stage. nnssl's
+# DynamicArchitecturePlans only has n_blocks_per_stage and its get_network_from_plans passes it on unchanged, which
+# PlainConvUNet (n_conv_per_stage) does not take; it is renamed here (the per-stage count nnU-Net's planners write
+# under either name), and every encoder tensor is still checked against the checkpoint when it loads
+ENCODER_DEPTH = {RESIDUAL_ENCODER_UNET: "n_blocks_per_stage", PLAIN_CONV_UNET: "n_conv_per_stage"}
 TRANSFORMERS = ("PrimusS", "PrimusB", "PrimusM", "PrimusL", "Primus")
 REQUIRED = ("architecture_plans", "pretrain_plan", "pretrain_num_input_channels", "recommended_downstream_patchsize",
             "key_to_encoder", "key_to_stem", "keys_to_in_proj")
@@ -68,7 +78,8 @@ REQUIRED = ("architecture_plans", "pretrain_plan", "pretrain_num_input_channels"
 @dataclass(frozen=True)
 class AdaptationPlan:
     """The parts of an nnssl adaptation plan that fine-tuning uses; ``source``: the checkpoint or
-    ``adaptation_plan.json`` it was read from."""
+    ``adaptation_plan.json`` it was read from (an absolute path: it goes into plans, records and suggested
+    commands)."""
 
     source: str
     architecture: str
@@ -84,6 +95,7 @@ class AdaptationPlan:
     @classmethod
     def from_dict(cls, data: Mapping, source: str) -> AdaptationPlan:
         """Read a serialized adaptation plan; raise ValueError naming ``source`` and what it lacks."""
+        source = os.path.abspath(source)
         if not isinstance(data, Mapping):
             raise ValueError(f"{source}: the nnssl adaptation plan is not a JSON object")
         missing = [key for key in REQUIRED if key not in data]
@@ -126,8 +138,32 @@ class AdaptationPlan:
         else:
             raise ValueError(f"{self.source}: architecture {name} without arch_kwargs; nnssl writes them for "
                              f"{name} checkpoints, so the adaptation plan is incomplete")
-        return {"network_class_name": CNN_ARCHITECTURES[name], "arch_kwargs": json.loads(json.dumps(kwargs)),
-                "_kw_requires_import": list(KW_REQUIRES_IMPORT)}
+        network = CNN_ARCHITECTURES[name]
+        kwargs = json.loads(json.dumps(kwargs))
+        depth = ENCODER_DEPTH[network]
+        other = next(k for k in ENCODER_DEPTH.values() if k != depth)
+        if other in kwargs and depth not in kwargs:
+            kwargs[depth] = kwargs.pop(other)
+        self._check_kwargs(network, kwargs)
+        return {"network_class_name": network, "arch_kwargs": kwargs, "_kw_requires_import": list(KW_REQUIRES_IMPORT)}
+
+    def _check_kwargs(self, network: str, kwargs: Mapping) -> None:
+        """ValueError naming the keyword arguments that ``network``'s constructor does not take or lacks (instead of
+        the TypeError nnU-Net would raise when building it)."""
+        cls = pydoc.locate(network)
+        if cls is None:  # dynamic_network_architectures is nnU-Net's dependency; never reached with it installed
+            return
+        parameters = inspect.signature(cls.__init__).parameters
+        given = {"input_channels", "num_classes", "deep_supervision"}  # nnU-Net passes these itself
+        unknown = sorted(k for k in kwargs if k not in parameters)
+        missing = sorted(k for k, p in parameters.items() if k != "self" and k not in kwargs and k not in given
+                         and p.default is inspect.Parameter.empty)
+        if unknown or missing:
+            problems = [f"takes no {', '.join(unknown)}"] if unknown else []
+            problems += [f"needs {', '.join(missing)}"] if missing else []
+            raise ValueError(f"{self.source}: the adaptation plan's arch_kwargs do not build {self.short_name}: "
+                             f"{network.rsplit('.', 1)[-1]} {' and '.join(problems)} (arch_kwargs: "
+                             f"{', '.join(kwargs)})")
 
     def summary(self) -> dict:
         """What the training record says of the plan."""
@@ -140,13 +176,38 @@ class AdaptationPlan:
                 "adaptation_plan": self.source}
 
 
+def plan_beside(filename: str) -> str:
+    """The ``adaptation_plan.json`` in the folder of ``filename`` (which may not exist)."""
+    return os.path.join(os.path.dirname(os.path.abspath(filename)), ADAPTATION_PLAN_FILE)
+
+
+def is_nnunet_checkpoint(saved: object) -> bool:
+    """Whether a loaded file is a checkpoint of an nnU-Net trainer: ``network_weights`` with nnU-Net's ``init_args``
+    (``plans``, ``dataset_json``) or its ``inference_allowed_mirroring_axes``. nnssl's trainers save ``init_args``
+    ``plan`` / ``pretrain_json`` and no mirroring axes."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("network_weights"), Mapping):
+        return False
+    init_args = saved.get("init_args")
+    return "inference_allowed_mirroring_axes" in saved or (isinstance(init_args, Mapping)
+                                                          and {"plans", "dataset_json"} <= set(init_args))
+
+
+def looks_like_nnssl(saved: object, keys: list[str]) -> bool:
+    """Whether a file without an adaptation plan may still be an nnssl checkpoint: not an nnU-Net trainer's, with
+    the pretraining U-Net's encoder under a second name (``decoder.encoder.*``) or a residual stem
+    (``encoder.stem.*``)."""
+    return not is_nnunet_checkpoint(saved) and any(k.startswith(("decoder.encoder.", "encoder.stem.")) for k in keys)
+
+
 def adaptation_plan_of(saved: object, filename: str) -> AdaptationPlan | None:
     """The adaptation plan of a loaded checkpoint: its ``nnssl_adaptation_plan``, else the ``adaptation_plan.json``
-    beside ``filename`` when the file holds a state dict; None for other files (not an nnssl checkpoint)."""
+    beside ``filename`` when the file holds a state dict that is not an nnU-Net trainer's checkpoint
+    (:func:`is_nnunet_checkpoint`: e.g. a fine-tuned fold saved into the checkpoint's folder); None for other files
+    (not an nnssl checkpoint)."""
     if isinstance(saved, Mapping) and ADAPTATION_PLAN_KEY in saved:
         return AdaptationPlan.from_dict(saved[ADAPTATION_PLAN_KEY], filename)
-    beside = os.path.join(os.path.dirname(os.path.abspath(filename)), ADAPTATION_PLAN_FILE)
-    if isinstance(saved, Mapping) and os.path.isfile(beside):
+    beside = plan_beside(filename)
+    if isinstance(saved, Mapping) and not is_nnunet_checkpoint(saved) and os.path.isfile(beside):
         return read_adaptation_plan(beside)
     return None
 
@@ -167,6 +228,10 @@ def read_adaptation_plan(path: str) -> AdaptationPlan:
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise ValueError(f"{path}: cannot be read by torch.load ({error})") from None
     plan = adaptation_plan_of(saved, path)
+    if plan is None and is_nnunet_checkpoint(saved) and os.path.isfile(plan_beside(path)):
+        raise ValueError(f"{path}: a checkpoint of nnU-Net's trainer {saved.get('trainer_name')}, not an nnssl "
+                         f"checkpoint; the {ADAPTATION_PLAN_FILE} beside it belongs to another file (give the nnssl "
+                         f"checkpoint or the {ADAPTATION_PLAN_FILE} itself)")
     if plan is None:
         raise ValueError(f"{path}: not an nnssl checkpoint (no '{ADAPTATION_PLAN_KEY}' in it and no "
                          f"{ADAPTATION_PLAN_FILE} beside it)")
@@ -180,12 +245,15 @@ def _under(key: str, prefix: str) -> str | None:
 
 @dataclass
 class EncoderTransfer:
-    """Network key -> (file key, value) for the encoder and stem, with the adapted keys and how."""
+    """Network key -> (file key, value) for the encoder and stem, with the adapted keys and how; ``aliases``: file
+    keys that are other names of a mapped file key's tensor (e.g. ``decoder.encoder.*`` of ``encoder.*``) -> that
+    key; ``unused``: the file's other keys, and why."""
 
     values: dict[str, torch.Tensor]
     origin: dict[str, str]
     adapted: dict[str, str]
     unused: dict[str, str]
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def map_encoder(plan: AdaptationPlan, weights: Mapping[str, torch.Tensor], network: Mapping[str, torch.Tensor],
@@ -196,7 +264,8 @@ def map_encoder(plan: AdaptationPlan, weights: Mapping[str, torch.Tensor], netwo
     Every encoder and stem tensor of the network must come from the file with its shape, and every one of the
     file's must have a place; the stem's input convolution (``keys_to_in_proj``) pretrained on one channel is
     repeated over the network's input channels and divided by their number. ValueError otherwise, saying what to
-    plan. ``weights``' other tensors (the pretraining decoder, projection heads) are listed as unused.
+    plan. File keys that name a mapped tensor again (:func:`other_names`) are aliases; ``weights``' other tensors
+    (the pretraining decoder, projection heads) are listed as unused.
     """
     plan.network()  # refuses transformers and unknown architectures by name
     prefixes = ((plan.key_to_stem, stem_key), (plan.key_to_encoder, encoder_key))  # the stem may lie in the encoder
@@ -231,7 +300,43 @@ def map_encoder(plan: AdaptationPlan, weights: Mapping[str, torch.Tensor], netwo
                          f"the dataset like the checkpoint: `nnunet-ext plan -d DATASET --like-pretrained "
                          f"{plan.source} --preprocess`, then train with `-p nnUNetLikePretrainedPlans` "
                          f"(docs/baselines.md)")
-    return EncoderTransfer(values, origin, adapted, unused)
+    aliases = other_names(weights, set(origin.values()), unused)
+    return EncoderTransfer(values, origin, adapted, {k: why for k, why in unused.items() if k not in aliases},
+                           aliases)
+
+
+def other_names(weights: Mapping[str, torch.Tensor], used: set[str], candidates) -> dict[str, str]:
+    """Each of ``candidates`` (keys of ``weights``) that is another name of a tensor of the ``used`` keys -> that
+    key: ``decoder.<key>`` of the same tensor (dynamic_network_architectures' U-Nets register the encoder again as
+    ``decoder.encoder``; the same storage, as torch.save keeps tensors shared, or equal values in a file whose
+    tensors were copied apart), else the first used key with the same storage."""
+    by_storage: dict[tuple, str] = {}
+    for key in weights:
+        if key in used and (place := _storage(weights[key])) is not None:
+            by_storage.setdefault(place, key)
+    aliases = {}
+    for key in candidates:
+        value, place = weights[key], _storage(weights[key])
+        twin = key[len("decoder."):] if key.startswith("decoder.") else None
+        if twin in used and ((place is not None and place == _storage(weights[twin])) or _equal(weights[twin], value)):
+            aliases[key] = twin
+        elif place is not None and place in by_storage:
+            aliases[key] = by_storage[place]
+    return aliases
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, type and values (never for tensors without values)."""
+    return (not a.is_meta and not b.is_meta and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and torch.equal(a, b))
+
+
+def _storage(value: torch.Tensor) -> tuple | None:
+    """Where a tensor's values lie (storage, offset, shape, strides); None where that cannot tell (meta, empty)."""
+    if not isinstance(value, torch.Tensor) or value.is_meta or value.numel() == 0:
+        return None
+    return (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+            value.stride(), value.dtype)
 
 
 def _adapt_input_channels(weight: torch.Tensor, channels: int, plan: AdaptationPlan, key: str

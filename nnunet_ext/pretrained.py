@@ -14,7 +14,10 @@ so it refuses an encoder-only checkpoint (e.g. self-supervised pretraining such 
 - nnU-Net's segmentation layers (``.seg_layers.``) are never loaded (the label set may differ), as in
   nnU-Net; a regularization branch (not part of ``network_weights``) starts fresh;
 - names of one tensor (dynamic_network_architectures registers e.g. the encoder again as ``decoder.encoder``) load
-  together and are counted once;
+  together and are counted once; in an nnssl checkpoint, the file's ``decoder.encoder.*`` keys are recorded as
+  used, naming the encoder key whose tensor they are;
+- an nnU-Net checkpoint stays one even with an ``adaptation_plan.json`` beside it; a file that looks like nnssl's but
+  has no adaptation plan is matched by name, and the log warns when its stem was not loaded;
 - the log lists, per part of the network (encoder, decoder, segmentation layers), how many tensors were
   loaded, then every key loaded, adapted, not loaded and unused; ``pretrained_weights.json`` next to the fold's
   checkpoint records the same for every key of the network and of the file (:func:`write_record`). A file of
@@ -26,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from nnunet_ext import nnssl
+from nnunet_ext.files import json_differences, write_text_atomic
 
 SKIPPED = (".seg_layers.",)
 PREFIXES = ("module.", "_orig_mod.")
@@ -59,21 +62,17 @@ def state_dict_of(saved: object, filename: str) -> dict[str, torch.Tensor]:
                          f"'network_weights' or a dictionary of tensors)")
     state = {}
     for key, value in saved.items():
-        for prefix in PREFIXES:
-            key = key.replace(prefix, "")
+        while key.startswith(PREFIXES):  # leading wrappers only: a module named e.g. "submodule" keeps its name
+            key = key[len(next(p for p in PREFIXES if key.startswith(p))):]
         state[key] = value
     return state
-
-
-def read_state_dict(filename: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint or state-dict file, without DDP / torch.compile prefixes."""
-    return state_dict_of(read_checkpoint(filename), filename)
 
 
 @dataclass
 class Transfer:
     """What a file gives a network: ``values`` by network key, the file key each came from, the keys adapted (and
-    how), why the network's other keys and the file's unused keys were not loaded, and facts for the record."""
+    how), why the network's other keys and the file's unused keys were not loaded, the file keys that are other
+    names of a used key's tensor (``aliases``), warnings for the log (``notes``) and facts for the record."""
 
     source: str
     kind: str
@@ -84,6 +83,8 @@ class Transfer:
     not_loaded: dict[str, str] = field(default_factory=dict)
     unused: dict[str, str] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def matching_transfer(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], filename: str) -> Transfer:
@@ -118,17 +119,37 @@ def nnssl_transfer(module: nn.Module, saved: object, plan: nnssl.AdaptationPlan,
                   for k in own if k not in mapped.values}
     citations = saved.get("citations", []) if isinstance(saved, Mapping) else []
     return Transfer(filename, "nnssl checkpoint", list(state), mapped.values, mapped.origin, mapped.adapted,
-                    not_loaded, mapped.unused, {"nnssl": {**plan.summary(), "citations": citations}})
+                    not_loaded, mapped.unused, {"nnssl": {**plan.summary(), "citations": citations}}, mapped.aliases)
 
 
 def transfer_for(module: nn.Module, filename: str) -> Transfer:
     """What ``filename`` gives ``module``: an nnssl checkpoint's encoder and stem, else what matches by name and
-    shape. Nothing is loaded; ValueError when nothing can be."""
+    shape (with a warning where an nnssl-looking file without its adaptation plan leaves the stem out). Nothing is
+    loaded; ValueError when nothing can be."""
     saved = read_checkpoint(filename)
     plan = nnssl.adaptation_plan_of(saved, filename)
     if plan is not None:
         return nnssl_transfer(module, saved, plan, filename)
-    return matching_transfer(state_dict_of(saved, filename), module.state_dict(), filename)
+    state, own = state_dict_of(saved, filename), module.state_dict()
+    transfer = matching_transfer(state, own, filename)
+    beside = nnssl.plan_beside(filename)
+    if nnssl.is_nnunet_checkpoint(saved) and os.path.isfile(beside):
+        transfer.notes.append(f"{beside} is not used: {filename} is a checkpoint of nnU-Net's trainer "
+                              f"{saved.get('trainer_name')} (matched by name and shape), not an nnssl checkpoint")
+    elif nnssl.looks_like_nnssl(saved, list(state)):
+        planned = next((m for m in module.modules() if hasattr(m, "key_to_stem")), None)
+        stem = getattr(planned, "key_to_stem", "encoder.stem") + "."
+        missing = [k for k in own if k.startswith(stem) and k not in transfer.values]
+        if missing:
+            shapes = "; ".join(f"{k}: file {list(state[k].shape)}, network {list(own[k].shape)}"
+                               if k in state else f"{k}: not in the file" for k in missing[:2])
+            transfer.notes.append(
+                f"WARNING: the stem was NOT loaded ({len(missing)} of its tensors start as initialised: {shapes}). "
+                f"{filename} looks like an nnssl checkpoint (encoder.stem.* / decoder.encoder.* keys, no nnU-Net "
+                f"trainer state) but its adaptation plan is missing (no '{nnssl.ADAPTATION_PLAN_KEY}' in it and no "
+                f"{beside}), so it was matched by name and shape only: put the checkpoint's "
+                f"{nnssl.ADAPTATION_PLAN_FILE} beside it to load the stem adapted to the plan's input channels")
+    return transfer
 
 
 def planned_network(plans: dict, configuration: str, num_input_channels: int) -> nn.Module:
@@ -194,8 +215,15 @@ def apply_transfer(module: nn.Module, transfer: Transfer, log: Callable[[str], N
     used: dict[str, list[str]] = {}
     for key, source in transfer.origin.items():
         used.setdefault(source, []).append(key)
-    file = {k: {"status": "used", "into": used[k]} if k in used else
-            {"status": "unused", "why": transfer.unused.get(k, "not in the network")} for k in transfer.file_keys}
+    file = {}
+    for key in transfer.file_keys:
+        if key in used:
+            file[key] = {"status": "used", "into": used[key]}
+        elif key in transfer.aliases:  # another name of a used tensor, e.g. decoder.encoder.* of encoder.*
+            alias = transfer.aliases[key]
+            file[key] = {"status": "used", "same_tensor_as": alias, "into": used.get(alias, [])}
+        else:
+            file[key] = {"status": "unused", "why": transfer.unused.get(key, "not in the network")}
     parts: dict[str, list[int]] = {}
     for key, entry in network.items():
         if canonical[key] == key:  # each tensor once, in the part of its first name
@@ -203,14 +231,32 @@ def apply_transfer(module: nn.Module, transfer: Transfer, log: Callable[[str], N
             counts[0] += entry["status"] in ("loaded", "adapted")
             counts[1] += 1
     record = {"source": os.path.abspath(transfer.source), "format": transfer.kind, **transfer.details,
+              **({"notes": list(transfer.notes)} if transfer.notes else {}),
               "summary": {part: {"loaded": done, "tensors": total} for part, (done, total) in parts.items()},
               "network": network, "file": file}
     _log_record(record, transfer, log)
     return record
 
 
+def key_lists(record: dict) -> dict[str, list[str]]:
+    """The keys of a record (:func:`apply_transfer`) by status: ``loaded`` (network keys loaded from the file,
+    adapted ones included, each tensor under its first loaded name), ``adapted``, ``other_names`` (network keys
+    loaded as another name of a loaded tensor), ``shape_differs``, ``not_loaded`` (network keys starting as
+    initialised, segmentation layers included), ``unused`` (file keys) and ``aliases`` (file keys that are another
+    name of a used tensor)."""
+    network, file = record["network"], record["file"]
+    return {"loaded": [k for k, e in network.items()
+                       if e["status"] in ("loaded", "adapted") and "loaded_with" not in e],
+            "adapted": [k for k, e in network.items() if e["status"] == "adapted" and "loaded_with" not in e],
+            "other_names": [k for k, e in network.items() if "loaded_with" in e],
+            "shape_differs": [k for k, e in network.items() if e.get("why") == "shape differs"],
+            "not_loaded": [k for k, e in network.items() if e["status"] in ("not loaded", "skipped")],
+            "unused": [k for k, e in file.items() if e["status"] == "unused"],
+            "aliases": [k for k, e in file.items() if "same_tensor_as" in e]}
+
+
 def _log_record(record: dict, transfer: Transfer, log: Callable[[str], None]) -> None:
-    """The record in the training log: a summary line, then the keys of every status."""
+    """The record in the training log: a summary line, warnings, then the keys of every status."""
     summary = ", ".join(f"{part} {c['loaded']}/{c['tensors']}" for part, c in record["summary"].items())
     done = sum(c["loaded"] for c in record["summary"].values())
     total = sum(c["tensors"] for c in record["summary"].values())
@@ -220,18 +266,24 @@ def _log_record(record: dict, transfer: Transfer, log: Callable[[str], None]) ->
         what = (f"; nnssl checkpoint of {plan['architecture']} pretrained on {plan['pretrain_num_input_channels']} "
                 f"input channel(s), encoder and stem loaded, the rest from scratch")
     log(f"[nnunet-ext] pretrained weights {transfer.source}: loaded {done} of {total} tensors ({summary}){what}")
+    for note in transfer.notes:
+        log(f"[nnunet-ext] {note}")
     for key, how in transfer.adapted.items():
         log(f"[nnunet-ext] adapted {key}: {how}")
-    network, file = record["network"], record["file"]
-    lists = (("loaded", [k for k, e in network.items() if e["status"] == "loaded" and "loaded_with" not in e]),
-             ("loaded as another name of a loaded tensor", [k for k, e in network.items() if "loaded_with" in e]),
-             ("not loaded, shape differs", [k for k, e in network.items() if e.get("why") == "shape differs"]),
-             ("not loaded (start as initialised)",
-              [k for k, e in network.items() if e["status"] in ("not loaded", "skipped")]),
-             ("in the file but not used", [k for k, e in file.items() if e["status"] == "unused"]))
-    for title, keys in lists:
-        if keys:
-            log(f"[nnunet-ext] {title}: {keys}")
+    keys = key_lists(record)
+    adapted = set(keys["adapted"])
+    lists = (("loaded", [k for k in keys["loaded"] if k not in adapted]),
+             ("loaded as another name of a loaded tensor", keys["other_names"]),
+             ("not loaded, shape differs", keys["shape_differs"]),
+             ("not loaded (start as initialised)", keys["not_loaded"]),
+             ("in the file but not used", keys["unused"]))
+    for title, listed in lists:
+        if listed:
+            log(f"[nnunet-ext] {title}: {listed}")
+    if keys["aliases"]:
+        first = keys["aliases"][0]
+        log(f"[nnunet-ext] used as other names of used tensors: {len(keys['aliases'])} keys of the file (e.g. "
+            f"{first} = {record['file'][first]['same_tensor_as']}), each in {RECORD_FILE}")
     citations = record.get("nnssl", {}).get("citations")
     if citations:
         log(f"[nnunet-ext] the checkpoint asks to cite {len(citations)} work(s), listed in {RECORD_FILE}")
@@ -261,16 +313,7 @@ def write_record(folder: str, record: dict, log: Callable[[str], None] = print) 
                     if not os.path.exists(p := os.path.join(folder, f"{RECORD_FILE[:-5]}.{n}.json")))
         os.replace(path, kept)
         log(f"[nnunet-ext] an earlier {RECORD_FILE} of this fold is kept as {kept}")
-    handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{RECORD_FILE}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        os.unlink(partial)
-        raise
+    write_text_atomic(path, text)
     log(f"[nnunet-ext] every key loaded, adapted, not loaded or unused: {path}")
     return path
 
@@ -279,8 +322,9 @@ def write_twin_plans(plans_file: str, checkpoint: str) -> str:
     """Write the plans of ``plans_file`` again as ``<plans>__pretrained_<sha256[:8] of checkpoint>`` beside it and
     return that identifier, so that trainings starting from the checkpoint get their own nnU-Net result folders
     (``{trainer}__{plans}__{configuration}``) beside the from-scratch ones, on the same preprocessed data (the data
-    identifier is kept). An existing twin with other content (the plans were made again, the checkpoint moved) is
-    replaced, and this says so."""
+    identifier is kept). An existing twin that differs only in the checkpoint's path (the same bytes, moved) is
+    updated, and this says so; one with other plans is refused (FileExistsError naming what differs): folds trained
+    under it would otherwise count as trained with plans they were not trained with."""
     digest = file_sha256(checkpoint)
     with open(plans_file) as f:
         plans = json.load(f)
@@ -290,13 +334,26 @@ def write_twin_plans(plans_file: str, checkpoint: str) -> str:
     text = json.dumps(plans, indent=4)
     if os.path.isfile(path):
         with open(path) as f:
-            if f.read() == text:
-                return name
-        print(f"[nnunet-ext] {path}: written again from {plans_file} (the plans or the checkpoint's path changed)")
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        f.write(text)
-    os.replace(partial, path)
+            old_text = f.read()
+        if old_text == text:
+            return name
+        try:
+            old = json.loads(old_text)
+        except json.JSONDecodeError:
+            old = None
+        moved = isinstance(old, dict) and isinstance(old.get("nnunet_ext_pretrained"), dict) and \
+            {**old, "nnunet_ext_pretrained": {**old["nnunet_ext_pretrained"], "checkpoint": None}} == \
+            {**plans, "nnunet_ext_pretrained": {**plans["nnunet_ext_pretrained"], "checkpoint": None}}
+        if not moved:
+            differing = ", ".join(json_differences(old, plans)) if old is not None else "not valid JSON"
+            raise FileExistsError(
+                f"{path}: the plans of the pretrained cells were made from other plans than {plans_file} holds now "
+                f"(differing: {differing}); folds trained under {name} used the old ones and would count as "
+                f"trained. Restore {os.path.basename(plans_file)} (e.g. plan again with the same options), or, to "
+                f"train the pretrained cells again on the new plans, move {path} and the result folders "
+                f"*__{name}__* aside")
+        print(f"[nnunet-ext] {path}: the checkpoint's path is now {os.path.abspath(checkpoint)} (same sha256)")
+    write_text_atomic(path, text)
     return name
 
 
@@ -313,11 +370,6 @@ def load_pretrained(module: nn.Module, filename: str, log: Callable[[str], None]
 
 
 def load_matching(module: nn.Module, filename: str, log: Callable[[str], None] = print) -> dict[str, list[str]]:
-    """Load what ``filename`` gives ``module`` (see the module docstring); return ``{"loaded", "not_loaded",
-    "unused"}`` key lists (keys loaded from the file, keys of other tensors not loaded, keys of the file unused)."""
-    record = load_pretrained(module, filename, log)
-    network = record["network"]
-    return {"loaded": [k for k, e in network.items()
-                       if e["status"] in ("loaded", "adapted") and "loaded_with" not in e],
-            "not_loaded": [k for k, e in network.items() if e["status"] in ("not loaded", "skipped")],
-            "unused": [k for k, e in record["file"].items() if e["status"] == "unused"]}
+    """Load what ``filename`` gives ``module`` (see the module docstring); return the record's key lists
+    (:func:`key_lists`: ``loaded``, ``not_loaded``, ``unused`` and the others)."""
+    return key_lists(load_pretrained(module, filename, log))

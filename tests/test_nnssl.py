@@ -9,6 +9,8 @@ import copy
 import csv
 import json
 import os
+import re
+import shutil
 
 import pytest
 import test_study
@@ -20,7 +22,14 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunet_ext import nnssl
 from nnunet_ext.planners.groupnorm import GROUP_NORM
 from nnunet_ext.planners.like_pretrained import like_pretrained_plans
-from nnunet_ext.pretrained import RECORD_FILE, file_sha256, load_pretrained, planned_network, write_record
+from nnunet_ext.pretrained import (
+    RECORD_FILE,
+    file_sha256,
+    load_pretrained,
+    planned_network,
+    write_record,
+    write_twin_plans,
+)
 
 # nnssl's DynamicArchitecturePlans.serialize() of a ResEncL-shaped network (residual stem and stages, 3x3x3 kernels,
 # isotropic strides, more blocks deeper) with tiny features; classes as nnssl writes them (module + name)
@@ -125,6 +134,13 @@ def test_nnssl_checkpoint_loads_encoder_and_stem_into_four_channels_and_records_
                if k.startswith("decoder.") and not k.startswith("decoder.encoder.") and ".seg_layers." not in k)
     assert all(e["status"] == "unused" and "from scratch" in e["why"] for k, e in file.items()
                if k.startswith("decoder.") and not k.startswith("decoder.encoder."))
+    # the pretraining network's encoder under its second name: the tensors loaded through encoder.*
+    encoder_names = [k for k in file if k.startswith("decoder.encoder.")]
+    assert len(encoder_names) == sum(k.startswith("encoder.") for k in file)
+    for key in encoder_names:
+        alias = key.removeprefix("decoder.")
+        assert file[key] == {"status": "used", "same_tensor_as": alias, "into": file[alias]["into"]}, key
+    assert file["decoder." + STEM]["into"] == [STEM]
     assert file[STEM] == {"status": "used", "into": [STEM]}
     assert record["nnssl"]["architecture"] == "ResidualEncoderUNet" and len(record["sha256"]) == 64
     assert record["summary"]["segmentation layers"]["loaded"] == 0
@@ -133,6 +149,20 @@ def test_nnssl_checkpoint_loads_encoder_and_stem_into_four_channels_and_records_
     assert "nnssl checkpoint of ResidualEncoderUNet pretrained on 1 input channel(s)" in log
     assert f"adapted {STEM}: pretrained on 1 input channel, the plan has 4" in log
     assert "not loaded (start as initialised)" in log and "in the file but not used" in log
+    unused_line = next(m for m in messages if "in the file but not used" in m)
+    assert "decoder.encoder." not in unused_line and "decoder.stages." in unused_line
+    assert f"used as other names of used tensors: {len(encoder_names)} keys of the file" in log
+
+
+def test_encoder_names_copied_apart_are_recognised_by_their_values(tmp_path):
+    weights = {k: v.clone() for k, v in resenc().state_dict().items()}  # no tensor shared any more
+    changed = "decoder.encoder.stages.1.blocks.0.conv1.conv.weight"
+    weights[changed] = weights[changed] + 1
+    torch.save({"network_weights": weights, nnssl.ADAPTATION_PLAN_KEY: adaptation_plan()}, tmp_path / "c.pth")
+    file = load_pretrained(resenc(channels=4), str(tmp_path / "c.pth"), lambda _: None)["file"]
+    assert file["decoder.encoder.stages.0.blocks.0.conv1.conv.weight"]["same_tensor_as"] == \
+        "encoder.stages.0.blocks.0.conv1.conv.weight"
+    assert file[changed]["status"] == "unused"  # other values: not the encoder's tensor
 
 
 def test_record_is_written_atomically_and_an_earlier_one_is_kept(tmp_path):
@@ -145,6 +175,9 @@ def test_record_is_written_atomically_and_an_earlier_one_is_kept(tmp_path):
     assert json.loads((tmp_path / "pretrained_weights.1.json").read_text()) == {"a": 1}
     assert json.loads((tmp_path / RECORD_FILE).read_text()) == {"a": 2}
     assert any("kept as" in m and "pretrained_weights.1.json" in m for m in messages)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # as open() gives, not mkstemp's 0600
 
 
 def test_transformers_and_unknown_architectures_are_refused_by_name(tmp_path):
@@ -183,6 +216,74 @@ def test_only_a_one_channel_stem_is_repeated(tmp_path):
     same = resenc(channels=2, seed=3)
     load_pretrained(same, checkpoint)  # as many channels as pretrained: loaded as they are
     assert torch.equal(same.state_dict()[STEM], resenc(channels=2).state_dict()[STEM])
+
+
+def test_a_plainconvunet_checkpoint_in_nnssls_format_plans_and_loads(tmp_path):
+    # nnssl's DynamicArchitecturePlans writes n_blocks_per_stage for every network; PlainConvUNet takes n_conv_per_stage
+    plain = {k: v for k, v in TINY_RESENC.items() if k != "n_blocks_per_stage"}
+    plain["n_conv_per_stage"] = TINY_RESENC["n_blocks_per_stage"]
+    torch.manual_seed(0)
+    source = get_network_from_plans(nnssl.PLAIN_CONV_UNET, plain, nnssl.KW_REQUIRES_IMPORT, 1, 1, allow_init=True,
+                                    deep_supervision=False)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    first = "encoder.stages.0.0.convs.0"  # PlainConvUNet's stem is its first stage
+    plan = adaptation_plan("PlainConvUNet", TINY_RESENC, key_to_stem="encoder.stages.0",
+                           keys_to_in_proj=[f"{first}.conv", f"{first}.all_modules.0"])
+    checkpoint = save_nnssl_checkpoint(tmp_path / "checkpoint_final.pth", source, plan)
+    plans = like_pretrained_plans(base_plans(), nnssl.read_adaptation_plan(checkpoint))
+    architecture = plans["configurations"]["3d_fullres"]["architecture"]
+    assert architecture["network_class_name"] == nnssl.PLAIN_CONV_UNET
+    assert architecture["arch_kwargs"]["n_conv_per_stage"] == [1, 1, 2, 2]
+    assert "n_blocks_per_stage" not in architecture["arch_kwargs"]
+    target = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                    architecture["_kw_requires_import"], 4, 3, allow_init=True, deep_supervision=True)
+    record = load_pretrained(target, checkpoint, lambda _: None)
+    loaded, pretrained = target.state_dict(), source.state_dict()
+    assert record["network"][f"{first}.conv.weight"]["status"] == "adapted"
+    assert torch.equal(loaded[f"{first}.conv.weight"], pretrained[f"{first}.conv.weight"].repeat(1, 4, 1, 1, 1) / 4)
+    assert all(torch.equal(loaded[k], v) for k, v in pretrained.items()
+               if k.startswith("encoder.") and k not in (f"{first}.conv.weight", f"{first}.all_modules.0.weight"))
+    assert record["summary"]["encoder"]["loaded"] == record["summary"]["encoder"]["tensors"]
+    wrong = adaptation_plan("PlainConvUNet", dict(TINY_RESENC, stem_channels=8))
+    with pytest.raises(ValueError, match="arch_kwargs do not build PlainConvUNet: PlainConvUNet takes no "
+                                         "stem_channels"):
+        nnssl.AdaptationPlan.from_dict(wrong, "adaptation_plan.json").network()
+
+
+def test_an_nnunet_checkpoint_beside_an_adaptation_plan_stays_an_nnunet_checkpoint(tmp_path):
+    source = resenc(channels=4, outputs=3, deep_supervision=True)
+    torch.save({"network_weights": source.state_dict(), "trainer_name": "EncDecTrainer",
+                "init_args": {"plans": {}, "configuration": "3d_fullres", "fold": 0, "dataset_json": {},
+                              "device": "cpu"}, "inference_allowed_mirroring_axes": (0, 1, 2)},
+               tmp_path / "checkpoint_best.pth")  # a fine-tuned fold saved into the nnssl checkpoint's folder
+    (tmp_path / nnssl.ADAPTATION_PLAN_FILE).write_text(json.dumps(adaptation_plan()))
+    target, messages = resenc(channels=4, outputs=3, seed=1, deep_supervision=True), []
+    record = load_pretrained(target, str(tmp_path / "checkpoint_best.pth"), messages.append)
+    assert record["format"] == "nnU-Net checkpoint or state dict" and "nnssl" not in record
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items()
+               if ".seg_layers." not in k)
+    assert any(f"{tmp_path / nnssl.ADAPTATION_PLAN_FILE} is not used" in m and "nnU-Net's trainer EncDecTrainer" in m
+               for m in messages)
+    with pytest.raises(ValueError, match="a checkpoint of nnU-Net's trainer EncDecTrainer, not an nnssl checkpoint"):
+        nnssl.read_adaptation_plan(str(tmp_path / "checkpoint_best.pth"))
+
+
+def test_an_nnssl_checkpoint_without_its_adaptation_plan_warns_that_the_stem_was_not_loaded(tmp_path):
+    torch.save({"network_weights": resenc().state_dict(), "trainer_name": "BaseMAETrainer"}, tmp_path / "w.pth")
+    messages = []
+    record = load_pretrained(resenc(channels=4), str(tmp_path / "w.pth"), messages.append)
+    assert record["format"] == "nnU-Net checkpoint or state dict"
+    assert record["network"][STEM] == {"status": "not loaded", "why": "shape differs"}
+    warning = messages[1]  # right after the summary line
+    assert "WARNING: the stem was NOT loaded" in warning and "its adaptation plan is missing" in warning
+    assert f"{STEM}: file [4, 1, 3, 3, 3], network [4, 4, 3, 3, 3]" in warning
+    assert record["notes"] == [warning.removeprefix("[nnunet-ext] ")]
+    torch.save({"network_weights": resenc(channels=4).state_dict()}, tmp_path / "same.pth")
+    messages.clear()
+    load_pretrained(resenc(channels=4), str(tmp_path / "same.pth"), messages.append)  # the stem fits: no warning
+    assert not any("WARNING" in m for m in messages)
 
 
 def test_adaptation_plan_json_beside_a_bare_state_dict_is_found(tmp_path):
@@ -232,6 +333,68 @@ def test_plans_like_a_resencl_checkpoint_build_its_encoder():
     del without_3d["configurations"]["3d_fullres"]
     with pytest.raises(ValueError, match="no 3d_fullres configuration"):
         like_pretrained_plans(without_3d, plan)
+
+
+def test_plan_like_pretrained_stores_absolute_paths_and_keeps_other_plans(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import nnunetv2.paths
+
+    from nnunet_ext.commands import plan as plan_command
+
+    folder = tmp_path / "preprocessed" / "Dataset001_BrainTumour"
+    folder.mkdir(parents=True)
+    (folder / "nnUNetPlans.json").write_text(json.dumps(base_plans()))
+    monkeypatch.setattr(nnunetv2.paths, "nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    (tmp_path / "openmind").mkdir()
+    checkpoint = save_nnssl_checkpoint(tmp_path / "openmind" / "checkpoint_final.pth", resenc(), adaptation_plan())
+    monkeypatch.chdir(tmp_path / "openmind")
+
+    def plan(*args, **kwargs) -> str:
+        return plan_command.plan_like_pretrained("Dataset001_BrainTumour", "nnUNetPlans", *args, **kwargs)
+
+    assert plan("checkpoint_final.pth") == LIKE  # as typed: relative
+    written = (folder / f"{LIKE}.json").read_text()
+    assert json.loads(written)["nnunet_ext_like_pretrained"]["adaptation_plan"] == checkpoint
+    assert plan(checkpoint) == LIKE  # the same plans again: nothing to refuse
+    with pytest.raises(FileExistsError, match=f"{LIKE}.json exists \\(planned like {re.escape(checkpoint)}\\) and "
+                                              f"differs .*differing: configurations.3d_fullres.patch_size.*"
+                                              f"-overwrite_plans_name OTHER_NAME .*--overwrite-like-pretrained"):
+        plan(checkpoint, patch_size=[32, 32, 32])
+    assert (folder / f"{LIKE}.json").read_text() == written
+    assert plan(checkpoint, "OtherPlans", patch_size=[32, 32, 32]) == "OtherPlans"
+    assert plan(checkpoint, patch_size=[32, 32, 32], overwrite=True) == LIKE
+    assert json.loads((folder / f"{LIKE}.json").read_text())["configurations"]["3d_fullres"]["patch_size"] == [32] * 3
+    assert "--overwrite-like-pretrained: replacing" in capsys.readouterr().out
+    assert sorted(os.listdir(folder)) == sorted(["nnUNetPlans.json", f"{LIKE}.json", "OtherPlans.json"])
+    parser = argparse.ArgumentParser()
+    plan_command.add_arguments(parser)
+    with pytest.raises(ValueError, match="--overwrite-like-pretrained go with --like-pretrained"):
+        plan_command.run(parser.parse_args(["-d", "1", "--overwrite-like-pretrained"]))
+
+
+def test_twin_plans_follow_a_moved_checkpoint_and_refuse_changed_plans(tmp_path, capsys):
+    plans_file = tmp_path / "nnUNetLikePretrainedPlans.json"
+    plans_file.write_text(json.dumps(base_plans()))
+    checkpoint = save_nnssl_checkpoint(tmp_path / "checkpoint_final.pth", resenc(), adaptation_plan())
+    name = write_twin_plans(str(plans_file), checkpoint)
+    twin = tmp_path / f"{name}.json"
+    assert write_twin_plans(str(plans_file), checkpoint) == name
+    moved = shutil.copy(checkpoint, tmp_path / "moved.pth")  # the same bytes elsewhere: the twin follows
+    assert write_twin_plans(str(plans_file), str(moved)) == name
+    assert json.loads(twin.read_text())["nnunet_ext_pretrained"]["checkpoint"] == str(moved)
+    assert "same sha256" in capsys.readouterr().out
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(twin).st_mode & 0o777 == 0o666 & ~mask
+    changed = base_plans()
+    changed["configurations"]["3d_fullres"]["patch_size"] = [32, 32, 32]
+    plans_file.write_text(json.dumps(changed))
+    before = twin.read_text()
+    with pytest.raises(FileExistsError, match=f"differing: configurations.3d_fullres.patch_size\\); folds trained "
+                                              f"under {name} used the old ones and would count as trained"):
+        write_twin_plans(str(plans_file), str(moved))
+    assert twin.read_text() == before
 
 
 # -- the real commands on the tiny dataset -----------------------------------------------------------------------
@@ -306,9 +469,9 @@ fake_nnunet = test_study.fake_nnunet
 results_of, study, trainings = test_study.results_of, test_study.study, test_study.trainings
 
 
-def write_like_plans(preprocessed, kwargs: dict = TINY_RESENC) -> None:
+def write_like_plans(preprocessed, kwargs: dict = TINY_RESENC, source: str = "checkpoint_final.pth") -> None:
     """Plans like the tiny checkpoint for the fake study dataset (1 channel), as ``nnunet-ext plan`` writes them."""
-    plan = nnssl.AdaptationPlan.from_dict(adaptation_plan(arch_kwargs=kwargs), "checkpoint_final.pth")
+    plan = nnssl.AdaptationPlan.from_dict(adaptation_plan(arch_kwargs=kwargs), source)
     (preprocessed / f"{LIKE}.json").write_text(json.dumps(like_pretrained_plans(base_plans(channels=1), plan)))
 
 
@@ -355,7 +518,8 @@ def test_study_pairs_every_cell_with_its_pretrained_twin(fake_nnunet, tmp_path, 
     assert printed[-1].endswith(f"-p {twin} -tr MeanTeacherTrainer_6labels -device cuda --c")
 
 
-def test_study_refuses_a_checkpoint_that_does_not_fit_before_anything_trains(fake_nnunet, tmp_path, capsys):
+def test_study_refuses_a_checkpoint_that_does_not_fit_before_anything_trains(fake_nnunet, tmp_path, capsys,
+                                                                             monkeypatch):
     write_like_plans(fake_nnunet.preprocessed, dict(TINY_RESENC, features_per_stage=[8, 16, 32, 32]))
     checkpoint = save_nnssl_checkpoint(tmp_path / "checkpoint_final.pth", resenc(), adaptation_plan())
     assert study("--trainers", "EncDec", "--labels", "3", "-p", LIKE, "--pretrained", checkpoint) == 2
@@ -364,8 +528,10 @@ def test_study_refuses_a_checkpoint_that_does_not_fit_before_anything_trains(fak
     assert "PseudoLabel cells train through `nnunet-ext self-train`" in capsys.readouterr().err
     assert study("--trainers", "EncDec", "--labels", "3", "-p", LIKE, "--pretrained", str(tmp_path / "no.pth")) == 2
     assert "--pretrained" in capsys.readouterr().err and fake_nnunet.calls == []
-    write_like_plans(fake_nnunet.preprocessed)  # the checkpoint fits, but CPC beside EncDec needs GroupNorm plans
+    with monkeypatch.context() as m:  # planned with the checkpoint's path as typed, relative to its folder
+        m.chdir(tmp_path)
+        write_like_plans(fake_nnunet.preprocessed)  # the checkpoint fits, but CPC beside EncDec needs GroupNorm plans
     assert study("--trainers", "EncDec", "CPCSeg", "--labels", "3", "-p", LIKE, "--pretrained", checkpoint) == 2
     err = capsys.readouterr().err
-    assert "`nnunet-ext plan -d 42 --like-pretrained checkpoint_final.pth --group-norm --preprocess` and rerun with " \
+    assert f"`nnunet-ext plan -d 42 --like-pretrained {checkpoint} --group-norm --preprocess` and rerun with " \
            "-p nnUNetLikePretrainedGNPlans" in err and fake_nnunet.calls == []

@@ -3,6 +3,7 @@ of which nothing matches is refused by name; end to end from another of our trai
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from conftest import run
 from test_multitask import make_net
 
-from nnunet_ext.pretrained import load_matching, same_tensor_names
+from nnunet_ext.files import json_differences, write_json_atomic, write_text_atomic
+from nnunet_ext.pretrained import load_matching, same_tensor_names, state_dict_of
 
 
 def _messages() -> tuple[list[str], callable]:
@@ -66,6 +68,36 @@ def test_shape_mismatch_is_listed_and_nothing_matching_is_refused_by_name(tmp_pa
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pt: cannot be read"):
         load_matching(target, str(tmp_path / "broken.pt"))
+
+
+def test_prefixes_are_stripped_only_at_the_start_of_a_key():
+    t = torch.zeros(1)
+    state = state_dict_of({"module._orig_mod.encoder.submodule.w": t, "_orig_mod.decoder.x_orig_mod.y": t,
+                           "head.module.z": t}, "f.pth")
+    assert list(state) == ["encoder.submodule.w", "decoder.x_orig_mod.y", "head.module.z"]
+
+
+def test_json_goes_into_place_at_once_with_the_mode_open_gives(tmp_path, monkeypatch):
+    path = str(tmp_path / "a.json")
+    (tmp_path / "a.json.tmp").write_text("another writer's")  # the fixed names of before: never touched
+    (tmp_path / "a.json.partial").write_text("another writer's")
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            write_json_atomic(path, {"a": umask})
+        finally:
+            os.umask(old)
+        assert os.stat(path).st_mode & 0o777 == mode
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 0o027}
+    assert (tmp_path / "a.json.tmp").read_text() == (tmp_path / "a.json.partial").read_text() == "another writer's"
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})  # not serializable: nothing written
+    monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(path, "{}")
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.json.partial", "a.json.tmp"]  # no temporary file left
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 0o027}
+    assert json_differences({"a": {"b": 1, "c": [1]}, "d": 1}, {"a": {"b": 1, "c": [2]}, "e": 1}) == ["a.c", "d", "e"]
 
 
 @pytest.mark.slow

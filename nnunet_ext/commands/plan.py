@@ -8,6 +8,8 @@ nnU-Net's own planners (e.g. nnUNetPlannerResEncM) are accepted too. Works with 
 ``--like-pretrained CKPT_OR_ADAPTATION_PLAN`` then derives plans whose 3d_fullres network, spacing, normalization and
 patch size are those of an nnssl checkpoint (e.g. OpenMind's ResEncL), so that ``-pretrained_weights CKPT`` loads
 every encoder weight (:mod:`nnunet_ext.planners.like_pretrained`); given the checkpoint, it checks that they do.
+Existing like-pretrained plans with other content (another checkpoint, patch size or norm) are kept and the command
+refuses, naming the checkpoint they were planned for, unless ``--overwrite-like-pretrained`` is given.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import importlib
 import json
 import os
 
+from nnunet_ext.files import json_differences, write_json_atomic
 from nnunet_ext.planners import PLANNERS
 
 
@@ -43,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "trainers, which train GroupNorm, with the others on the same plans)")
     parser.add_argument("--patch-size", type=int, nargs="+", default=None,
                         help="with --like-pretrained: this patch size instead of the adaptation plan's recommended one")
+    parser.add_argument("--overwrite-like-pretrained", action="store_true",
+                        help="with --like-pretrained: replace existing like-pretrained plans of the same name that "
+                             "differ (else refused: their preprocessed data and trainings belong to them)")
 
 
 def planner_class(name: str) -> type:
@@ -84,11 +90,13 @@ def plan_dataset(dataset_id: int, planner: str = "nnUNetPlannerCPU", gpu_memory_
     return identifier
 
 
-def plan_like_pretrained(dataset_id: int, base_identifier: str, source: str, plans_name: str | None = None,
-                         group_norm: bool = False, patch_size: list[int] | None = None) -> str:
+def plan_like_pretrained(dataset_id: int | str, base_identifier: str, source: str, plans_name: str | None = None,
+                         group_norm: bool = False, patch_size: list[int] | None = None,
+                         overwrite: bool = False) -> str:
     """Write plans like the nnssl checkpoint or adaptation plan ``source`` from the dataset's ``base_identifier``
     plans (:mod:`nnunet_ext.planners.like_pretrained`); given a checkpoint, check that every encoder weight fits.
-    Return the plans identifier."""
+    Plans of that name with other content are refused (FileExistsError naming the checkpoint they were planned for)
+    unless ``overwrite``. Return the plans identifier."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -96,12 +104,25 @@ def plan_like_pretrained(dataset_id: int, base_identifier: str, source: str, pla
     from nnunet_ext.planners import like_pretrained
     from nnunet_ext.pretrained import check_fits
 
+    source = os.path.abspath(source)
     adaptation = read_adaptation_plan(source)
     folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset_id))
     with open(os.path.join(folder, f"{base_identifier}.json")) as f:
         base = json.load(f)
     name = plans_name or (like_pretrained.GROUP_NORM_PLANS_NAME if group_norm else like_pretrained.PLANS_NAME)
-    plans = like_pretrained.like_pretrained_plans(base, adaptation, name, group_norm, patch_size)
+    plans = json.loads(json.dumps(like_pretrained.like_pretrained_plans(base, adaptation, name, group_norm,
+                                                                        patch_size)))  # as it would be read back
+    path = os.path.join(folder, f"{name}.json")
+    existing = _existing_plans(path)
+    if existing is not None and existing != plans and not overwrite:
+        like = existing.get("nnunet_ext_like_pretrained") if isinstance(existing, dict) else None
+        planned_for = like.get("adaptation_plan") if isinstance(like, dict) else None
+        what = f"planned like {planned_for}" if planned_for else "not like-pretrained plans of nnunet-ext"
+        raise FileExistsError(
+            f"--like-pretrained: {path} exists ({what}) and differs from the plans like {source} (differing: "
+            f"{', '.join(json_differences(existing, plans))}); its preprocessed data and trainings belong to it. "
+            f"Give -overwrite_plans_name OTHER_NAME to write these plans beside it, or --overwrite-like-pretrained to "
+            f"replace it (then preprocess again; folds trained under {name} are not retrained by themselves)")
     if not source.endswith(".json"):
         channels = len(plans["configurations"][like_pretrained.CONFIGURATION]["normalization_schemes"])
         transfer = check_fits(source, plans, like_pretrained.CONFIGURATION, channels)
@@ -109,14 +130,23 @@ def plan_like_pretrained(dataset_id: int, base_identifier: str, source: str, pla
         fit = f"all {len(transfer.values)} encoder and stem tensors of {source} fit{adapted}"
     else:
         fit = "the checkpoint's fit is checked when training loads it"
-    path = os.path.join(folder, f"{name}.json")
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        json.dump(plans, f, indent=4)
-    os.replace(partial, path)
+    if existing is not None and existing != plans:
+        print(f"[nnunet-ext plan] --overwrite-like-pretrained: replacing {path}")
+    write_json_atomic(path, plans, indent=4)
     print(f"[nnunet-ext plan] like the pretrained {adaptation.short_name}: {like_pretrained.describe(plans)}; "
           f"{fit} ({path})")
     return name
+
+
+def _existing_plans(path: str) -> dict | None:
+    """The plans at ``path``, None when there are none; ValueError when the file is not JSON."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--like-pretrained: {path} exists but is not valid JSON ({error}); move it aside") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
     (or run it with --preprocess) and the training command of each configuration given with -c."""
     from nnunetv2.configuration import default_num_processes
 
-    if not args.like_pretrained and (args.group_norm or args.patch_size):
-        raise ValueError("--group-norm and --patch-size go with --like-pretrained")
+    if not args.like_pretrained and (args.group_norm or args.patch_size or args.overwrite_like_pretrained):
+        raise ValueError("--group-norm, --patch-size and --overwrite-like-pretrained go with --like-pretrained")
     if args.like_pretrained and args.c != ["3d_fullres"]:
         raise ValueError(f"-c {' '.join(args.c)}: --like-pretrained plans the 3d_fullres configuration only (the "
                          f"checkpoint is a 3-D network)")
@@ -136,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
         pretrained = ""
         if args.like_pretrained:
             identifier = plan_like_pretrained(d, identifier, args.like_pretrained, args.overwrite_plans_name,
-                                              args.group_norm, args.patch_size)
-            checkpoint = "CHECKPOINT" if args.like_pretrained.endswith(".json") else args.like_pretrained
+                                              args.group_norm, args.patch_size, args.overwrite_like_pretrained)
+            checkpoint = "CHECKPOINT" if args.like_pretrained.endswith(".json") else \
+                os.path.abspath(args.like_pretrained)
             pretrained = f" -pretrained_weights {checkpoint}"
         if args.preprocess:
             from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
