@@ -24,6 +24,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext import nnssl
+from nnunet_ext.files import write_json_atomic
 from nnunet_ext.planners.like_pretrained import like_pretrained_plans
 from nnunet_ext.pretrained import RECORD_FILE, check_fits, load_pretrained
 
@@ -74,6 +75,8 @@ def main() -> None:
                                                    if k in loaded) / 1e6, 1),
             "file_tensors": len(record["file"]),
             "file_tensors_used": sum(e["status"] == "used" for e in record["file"].values()),
+            "file_keys_used_as_other_names": sum("same_tensor_as" in e for e in record["file"].values()),
+            "file_keys_unused": sum(e["status"] == "unused" for e in record["file"].values()),
             "network_keys": len(record["network"]), "summary": record["summary"],
             "keys_loaded": sum(e["status"] == "loaded" and "loaded_with" not in e for e in entries),
             "keys_adapted": sorted(k for k, e in record["network"].items() if e["status"] == "adapted"),
@@ -81,8 +84,7 @@ def main() -> None:
             "record_kb": round(os.path.getsize(os.path.join(folder, RECORD_FILE)) / 1024),
             "tensors_fitting": len(transfer.values)}
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json_atomic(OUT, result)
     print(json.dumps(result, indent=1))
 
 
