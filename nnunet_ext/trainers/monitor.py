@@ -23,13 +23,14 @@ records ride in nnU-Net's checkpoint, so ``--c`` continues the curves exactly. C
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from nnunet_ext.files import write_json_atomic
 
 MONITOR_FILE = "branch_monitor.json"
 MONITOR_PLOT = "branch_progress.png"
@@ -107,10 +108,8 @@ class BranchMonitor:
 
     def write(self, folder: str, meta: dict) -> None:
         """``branch_monitor.json`` (atomically) and ``branch_progress.png`` in ``folder``."""
-        path = os.path.join(folder, MONITOR_FILE)
-        with open(path + ".partial", "w") as f:
-            json.dump({**meta, "probes_per_epoch": self.probes, "epochs": self.records}, f, indent=1)
-        os.replace(path + ".partial", path)
+        write_json_atomic(os.path.join(folder, MONITOR_FILE),
+                          {**meta, "probes_per_epoch": self.probes, "epochs": self.records})
         plot_records(self.records, os.path.join(folder, MONITOR_PLOT), meta.get("title", ""), meta.get("names", ()))
 
 
