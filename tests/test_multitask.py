@@ -159,6 +159,7 @@ def test_checkpoint_appears_only_with_its_branch(tmp_path, monkeypatch):
     between nnU-Net's write and ours must keep a checkpoint that ``--c`` can resume."""
     from types import SimpleNamespace
 
+    from nnunet_ext.trainers.monitor import BranchMonitor
     from nnunet_ext.trainers.multitask import MultiTaskTrainer
 
     net = make_net()
@@ -166,7 +167,7 @@ def test_checkpoint_appears_only_with_its_branch(tmp_path, monkeypatch):
     trainer.__dict__.update(
         local_rank=0, disable_checkpointing=False, is_ddp=False, grad_scaler=None,
         logger=SimpleNamespace(get_checkpoint=dict), _best_ema=None, current_epoch=0, my_init_kwargs={},
-        inference_allowed_mirroring_axes=None,
+        inference_allowed_mirroring_axes=None, monitor=BranchMonitor(1, 0), pulls={},
         network=MultiTaskNetwork(net, VAEBranch.from_encoder(net.encoder, PATCH, 4, 3)))
     trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.1)
     target = str(tmp_path / "checkpoint_best.pth")

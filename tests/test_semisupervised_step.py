@@ -15,6 +15,7 @@ from test_multitask import PATCH, _free_port, assert_same_gradient, make_net, se
 from nnunet_ext.branches import CPCBranch
 from nnunet_ext.compat import CompatibilityError, after_zero_grad
 from nnunet_ext.trainers.cpc import ssCPCSegTrainer
+from nnunet_ext.trainers.monitor import BranchMonitor
 from nnunet_ext.trainers.multitask import BranchBatch, MultiTaskLoss, MultiTaskNetwork
 
 
@@ -28,7 +29,9 @@ def make_trainer(network: torch.nn.Module, unlabeled: torch.Tensor) -> ssCPCSegT
     """An ssCPCSegTrainer with just what nnU-Net's train_step uses (CPU, no AMP)."""
     trainer = object.__new__(ssCPCSegTrainer)
     trainer.__dict__.update(device=torch.device("cpu"), grad_scaler=None, network=network,
-                            loss=MultiTaskLoss(seg_loss()), dataloader_unlabeled=iter([{"data": unlabeled}]))
+                            loss=MultiTaskLoss(seg_loss()), dataloader_unlabeled=iter([{"data": unlabeled}]),
+                            num_epochs=1, num_iterations_per_epoch=1, current_epoch=0, iteration_in_epoch=0,
+                            pulls={}, monitor=BranchMonitor(1, 0))  # one step, no probe: factor 1
     trainer.optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
     return trainer
 
