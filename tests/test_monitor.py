@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nnunet_ext.trainers.cpc import CPCSegConstTrainer, CPCSegTrainer, ssCPCSegConstTrainer, ssCPCSegTrainer
+from nnunet_ext.trainers.cpc import CPCSegCapTrainer, CPCSegTrainer, ssCPCSegCapTrainer, ssCPCSegTrainer
 from nnunet_ext.trainers.monitor import MONITOR_FILE, MONITOR_PLOT, BranchMonitor, accumulated_grad_norm, grad_norm
 from nnunet_ext.trainers.multitask import MultiTaskLoss, MultiTaskOutput, MultiTaskTrainer
 from nnunet_ext.trainers.names import parse_trainer_name, trainer_class
@@ -123,12 +123,12 @@ def test_pull_cap_scales_the_branch_to_pull_at_most_cap_times_the_segmentation()
     assert MultiTaskTrainer.pull_cap_factor(trainer) == pytest.approx(0.2)
 
 
-def test_cpc_defaults_ramp_and_cap_and_the_paper_constant_stays_by_name():
-    assert CPCSegTrainer.branch_rampup_fraction == ssCPCSegTrainer.branch_rampup_fraction == 0.2
-    assert CPCSegTrainer.branch_pull_cap == ssCPCSegTrainer.branch_pull_cap == 1.0
-    assert CPCSegConstTrainer.branch_rampup_fraction == ssCPCSegConstTrainer.branch_rampup_fraction == 0.0
-    assert CPCSegConstTrainer.branch_pull_cap is ssCPCSegConstTrainer.branch_pull_cap is None
-    assert CPCSegConstTrainer.branch_kwargs == CPCSegTrainer.branch_kwargs  # only the ramp differs
-    cls = trainer_class("ssCPCSegConstTrainer_6labels_10epochs_s2")
-    assert issubclass(cls, ssCPCSegConstTrainer) and cls.branch_rampup_fraction == 0.0
-    assert parse_trainer_name("CPCSegConstTrainer_3labels").base == "CPCSegConstTrainer"
+def test_cpc_default_is_the_papers_constant_and_ramp_and_cap_stay_by_name():
+    assert CPCSegTrainer.branch_rampup_fraction == ssCPCSegTrainer.branch_rampup_fraction == 0.0
+    assert CPCSegTrainer.branch_pull_cap is ssCPCSegTrainer.branch_pull_cap is None
+    assert CPCSegCapTrainer.branch_rampup_fraction == ssCPCSegCapTrainer.branch_rampup_fraction == 0.2
+    assert CPCSegCapTrainer.branch_pull_cap == ssCPCSegCapTrainer.branch_pull_cap == 1.0
+    assert CPCSegCapTrainer.branch_kwargs == CPCSegTrainer.branch_kwargs  # only the rules differ
+    cls = trainer_class("ssCPCSegCapTrainer_6labels_10epochs_s2")
+    assert issubclass(cls, ssCPCSegCapTrainer) and cls.branch_pull_cap == 1.0
+    assert parse_trainer_name("CPCSegCapTrainer_3labels").base == "CPCSegCapTrainer"

@@ -32,8 +32,8 @@ BASES: dict[str, tuple[str, bool]] = {
     "CPCSegTrainer": ("nnunet_ext.trainers.cpc", False),
     "ssVAESegTrainer": ("nnunet_ext.trainers.vae", True),
     "ssCPCSegTrainer": ("nnunet_ext.trainers.cpc", True),
-    "CPCSegConstTrainer": ("nnunet_ext.trainers.cpc", False),
-    "ssCPCSegConstTrainer": ("nnunet_ext.trainers.cpc", True),
+    "CPCSegCapTrainer": ("nnunet_ext.trainers.cpc", False),
+    "ssCPCSegCapTrainer": ("nnunet_ext.trainers.cpc", True),
     "MeanTeacherTrainer": ("nnunet_ext.trainers.meanteacher", True),
     "PseudoLabelTrainer": ("nnunet_ext.trainers.pseudolabel", True),
 }
