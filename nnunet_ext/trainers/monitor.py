@@ -14,7 +14,7 @@ monitor records, per epoch:
 - ``branch_loss``, ``branch_loss_unlabeled``: the unweighted branch loss, mean over every step; ``chance``: the
   branch's chance level where it has one (CPC: ln of its candidates); ``vector_norm``/``vector_norm_unlabeled``:
   mean L2 norm of CPC's pooled sub-patch vectors (a collapse to constant vectors shows here first).
-- ``weight``: the branch weight applied (the ramp times the final weight), mean over the epoch;
+- ``weight``: the branch weight applied (the weight times the ramp and the pull cap, if any), mean over the epoch;
 - ``pseudo_dice``: nnU-Net's validation pseudo Dice per class or region of that epoch.
 
 ``branch_monitor.json`` and ``branch_progress.png`` are rewritten in the fold folder at the end of every epoch; the

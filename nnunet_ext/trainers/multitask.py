@@ -101,10 +101,10 @@ class MultiTaskNetwork(nn.Module):
 class MultiTaskLoss(nn.Module):
     """nnU-Net's segmentation loss plus ``factor`` times the branch loss; plain (validation) outputs pass through.
 
-    ``factor`` is the branch weight's ramp at the current step (1: the branch's constant weight). ``last`` keeps
-    the detached parts of the latest training loss for logging (``branch_loss`` with the branch's weight, without
-    the ramp). When ``probe`` holds (encoder parameters, loss scale), the next training loss also measures the
-    gradient norm each applied part puts on those parameters into ``last_probe``
+    ``factor`` multiplies the branch weight at the current step (its ramp and pull cap; 1: the constant weight).
+    ``last`` keeps the detached parts of the latest training loss for logging (``branch_loss`` with the branch's
+    weight, without the factor). When ``probe`` holds (encoder parameters, loss scale), the next training loss also
+    measures the gradient norm each applied part puts on those parameters into ``last_probe``
     (:func:`~nnunet_ext.trainers.monitor.grad_norm`), then clears ``probe``.
     """
 
@@ -256,7 +256,7 @@ class MultiTaskTrainer(ExtTrainer):
         norm = accumulated_grad_norm(*probe) if probe is not None else None
         if norm is not None and self.loss.factor > 0:
             self.update_pulls(branch_unlabeled=norm / self.loss.factor)
-        weighted = applied_loss / self.loss.factor if self.loss.factor else applied_loss  # without the ramp
+        weighted = applied_loss / self.loss.factor if self.loss.factor else applied_loss  # without ramp and cap
         self.monitor.add(encoder_grad_branch_unlabeled=norm, **self.branch_stats("branch_loss_unlabeled", weighted))
 
     def branch_masks(self, target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
