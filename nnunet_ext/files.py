@@ -8,6 +8,7 @@ temporary file), is flushed to disk, then ``os.replace`` puts it in place. The f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -56,3 +57,12 @@ def json_differences(old: object, new: object, limit: int = 5, _at: str = "") ->
                 found += json_differences(old[key], new[key], limit - len(found), at)
         return found
     return [] if old == new else [_at or "(the whole document)"]
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes (a checkpoint's identity in the records)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -26,7 +26,6 @@ so it refuses an encoder-only checkpoint (e.g. self-supervised pretraining such 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from nnunet_ext import nnssl
-from nnunet_ext.files import json_differences, write_text_atomic
+from nnunet_ext.files import file_sha256, json_differences, write_text_atomic
 
 SKIPPED = (".seg_layers.",)
 PREFIXES = ("module.", "_orig_mod.")
@@ -287,15 +286,6 @@ def _log_record(record: dict, transfer: Transfer, log: Callable[[str], None]) ->
     citations = record.get("nnssl", {}).get("citations")
     if citations:
         log(f"[nnunet-ext] the checkpoint asks to cite {len(citations)} work(s), listed in {RECORD_FILE}")
-
-
-def file_sha256(filename: str) -> str:
-    """The sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(filename, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_record(folder: str, record: dict, log: Callable[[str], None] = print) -> str:

@@ -33,11 +33,11 @@ from nnunet_ext.data.pseudo_labels import (
     RULE,
     case_score,
     cases_folder,
-    file_sha256,
     keep_most_confident,
     pseudo_label_folder,
     read_json,
 )
+from nnunet_ext.files import file_sha256
 from nnunet_ext.pipeline import Experiment, log, nnunet_environment, run_command
 from nnunet_ext.trainers.names import TrainerNameError, TrainerSpec, parse_trainer_name
 

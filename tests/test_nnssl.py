@@ -20,11 +20,11 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_ext import nnssl
+from nnunet_ext.files import file_sha256
 from nnunet_ext.planners.groupnorm import GROUP_NORM
 from nnunet_ext.planners.like_pretrained import like_pretrained_plans
 from nnunet_ext.pretrained import (
     RECORD_FILE,
-    file_sha256,
     load_pretrained,
     planned_network,
     write_record,

@@ -16,10 +16,10 @@ from nnunet_ext.data.pseudo_labels import (
     RECORD,
     case_score,
     check_record,
-    file_sha256,
     keep_most_confident,
     pseudo_label_folder,
 )
+from nnunet_ext.files import file_sha256
 from nnunet_ext.selftrain import check_pair, default_teacher
 from tests.conftest import run
 

@@ -20,7 +20,6 @@ that may well contain structure teaches a miss). :func:`keep_most_confident` kee
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -77,15 +76,6 @@ def keep_most_confident(scores: Mapping[str, float], fraction: float) -> list[st
         raise ValueError("no pseudo-labeled case to keep: the unlabeled pool is empty")
     ranked = sorted(scores, key=lambda case: (-scores[case], case))
     return ranked[:max(1, math.ceil(fraction * len(ranked)))]
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file's bytes (a checkpoint's identity in the records)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_json(path: str) -> dict | None:

@@ -25,11 +25,11 @@ from nnunet_ext.data.pseudo_labels import (
     RECORD,
     cases_folder,
     check_record,
-    file_sha256,
     pseudo_label_folder,
     read_json,
 )
 from nnunet_ext.data.unlabeled import CaseUnion
+from nnunet_ext.files import file_sha256
 from nnunet_ext.trainers.base import ExtTrainer
 from nnunet_ext.trainers.names import TrainerSpec
 from nnunet_ext.trainers.semisupervised import UnlabeledPoolMixin
