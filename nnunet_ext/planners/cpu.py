@@ -15,12 +15,13 @@ class nnUNetPlannerCPU(ExperimentPlanner):
 
     max_patch_edge = 64
     max_batch_size = 2
+    default_plans_name = "nnUNetCPUPlans"
 
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "nnUNetCPUPlans",
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str | None = None,
                  overwrite_target_spacing=None, suppress_transpose: bool = False):
-        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
-                         overwrite_target_spacing, suppress_transpose)
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
+                         plans_name or self.default_plans_name, overwrite_target_spacing, suppress_transpose)
         self.UNet_base_num_features = 8
         self.UNet_max_features_3d = 64
         self.UNet_max_features_2d = 64
@@ -41,9 +42,4 @@ class nnUNetPlannerCPU96(nnUNetPlannerCPU):
     positions (32-voxel sub-patches, stride 16) along an axis of 96, where a 64-voxel patch holds three."""
 
     max_patch_edge = 96
-
-    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "nnUNetCPU96Plans",
-                 overwrite_target_spacing=None, suppress_transpose: bool = False):
-        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
-                         overwrite_target_spacing, suppress_transpose)
+    default_plans_name = "nnUNetCPU96Plans"
