@@ -84,14 +84,18 @@ PRESETS = {
     "cpu-evidence-96": {"trainers": ["EncDec", "CPCSeg", "ssCPCSeg", "MeanTeacher"], "labels": [6], "repeats": 5,
                         "folds": [0], "epochs": 40, "iters": 50, "no_mirroring": True, "device": "cpu"},
 }
+# the same grid on the 96 recipe drawn with another seed, nothing retuned
+PRESETS["cpu-evidence-96-confirm"] = dict(PRESETS["cpu-evidence-96"])
 # the synthetic dataset each preset writes, plans and preprocesses in prepare.ROOT
 PRESET_DATA = {"cpu-smoke": prepare.DEMO, "cpu-evidence": prepare.EVIDENCE,
-               "cpu-evidence-confirm": prepare.EVIDENCE_CONFIRM, "cpu-evidence-96": prepare.EVIDENCE_96}
+               "cpu-evidence-confirm": prepare.EVIDENCE_CONFIRM, "cpu-evidence-96": prepare.EVIDENCE_96,
+               "cpu-evidence-96-confirm": prepare.EVIDENCE_96_CONFIRM}
 # options that must keep the preset's value, as they choose its data (the smoke preset writes the demo data under
 # any -d; the evidence presets' datasets were fixed with their ids, docs/study.md)
 PRESET_FIXED = {"cpu-smoke": ("plans", "configuration"), "cpu-evidence": ("d", "plans", "configuration"),
                 "cpu-evidence-confirm": ("d", "plans", "configuration"),
-                "cpu-evidence-96": ("d", "plans", "configuration")}
+                "cpu-evidence-96": ("d", "plans", "configuration"),
+                "cpu-evidence-96-confirm": ("d", "plans", "configuration")}
 OPTION_FLAGS = {"d": "-d", "plans": "-p", "configuration": "-c"}
 
 
@@ -521,9 +525,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(docs/study.md; about 80 minutes on 2 cores). cpu-evidence-confirm: EncDec, CPCSeg, "
                              "ssCPCSeg at 3 and 6 labels, 5 repeats, on the same recipe drawn with another seed. "
                              "cpu-evidence-96: EncDec, CPCSeg, ssCPCSeg, MeanTeacher at 6 labels, 5 repeats, 96-voxel "
-                             "patches, 40 x 50 iterations (docs/study.md, 'CPC stability'). cpu-smoke: the demo "
-                             "dataset, the paper's "
-                             "six models, labels 3 6, fold 0, "
+                             "patches, 40 x 50 iterations (docs/study.md, 'CPC stability'); "
+                             "cpu-evidence-96-confirm: the same grid on that recipe drawn with another seed. "
+                             "cpu-smoke: the demo dataset, the paper's six models, labels 3 6, fold 0, "
                              "2 epochs x 5 iterations on CPU (under 15 minutes on 2 cores)")
 
 

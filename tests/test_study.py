@@ -256,6 +256,7 @@ def test_evidence_preset_is_fixed_and_prepares_its_own_dataset(monkeypatch):
 @pytest.mark.parametrize("preset, dataset_id, plans, planner, seed, shape", [
     ("cpu-evidence-confirm", 988, "nnUNetCPUGNPlans", "nnUNetPlannerCPUGN", 2, (40, 72, 96)),
     ("cpu-evidence-96", 987, "nnUNetCPU96GNPlans", "nnUNetPlannerCPU96GN", 3, (40, 96, 128)),
+    ("cpu-evidence-96-confirm", 986, "nnUNetCPU96GNPlans", "nnUNetPlannerCPU96GN", 4, (40, 96, 128)),
 ])
 def test_cpc_stability_presets_prepare_their_own_data(monkeypatch, preset, dataset_id, plans, planner, seed, shape):
     """The confirmation preset draws cpu-evidence's recipe with another seed; the 96 preset plans 96-voxel patches."""

@@ -47,6 +47,9 @@ EVIDENCE_CONFIRM = SyntheticSetup(988, "2d", dict(EVIDENCE.data, seed=2))
 # prediction axis instead of three (the cpu-evidence-96 preset, docs/study.md)
 EVIDENCE_96 = SyntheticSetup(987, "2d", dict(EVIDENCE.data, shape=(40, 96, 128), seed=3),
                              planner="nnUNetPlannerCPU96GN", plans="nnUNetCPU96GNPlans")
+# the 96 recipe drawn with another seed: the cpu-evidence-96 grid repeated without retuning anything (#19)
+EVIDENCE_96_CONFIRM = SyntheticSetup(986, "2d", dict(EVIDENCE_96.data, seed=4),
+                                     planner=EVIDENCE_96.planner, plans=EVIDENCE_96.plans)
 
 
 def prepare_synthetic_dataset(env: dict[str, str], dataset_id: int, configuration: str, log_folder: str,
