@@ -9,7 +9,8 @@ EncDec cell of the same budget and seed, reused when the grid has it), the teach
 fold's unlabeled pool, then the student. Writes into
 ``--output`` (default ``$nnUNet_results/DatasetXXX_NAME/study``): ``results.csv``, ``results.md``
 (Table 1), ``fig2_dice_vs_labels.png``, ``fig4_dice_vs_unlabeled.png`` (ss trainers with several
-``--unlabeled``), ``study_status.json``, ``logs/`` and ``predictions/<trainer>/folds_<F>/``. The tables name
+``--unlabeled``), ``training_curves.md``/``.png`` (each fold's validation pseudo Dice: has it levelled off over the
+last fifth?), ``study_status.json``, ``logs/`` and ``predictions/<trainer>/folds_<F>/``. The tables name
 the plans and norm each cell trained with (its result folder's ``plans.json``).
 
 Label budgets larger than the training cases of a study fold (nnU-Net's ``splits_final.json``, or the 5-fold
@@ -50,6 +51,7 @@ from dataclasses import dataclass, replace
 
 from nnunet_ext import locks, pipeline
 from nnunet_ext.datasets import prepare
+from nnunet_ext.evaluation import curves
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
 from nnunet_ext.evaluation.report import CaseResult, markdown_table, summary_case_results, write_report
 from nnunet_ext.pipeline import Experiment, log
@@ -360,6 +362,37 @@ def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
     return results
 
 
+def training_curves(study: Study, cells: Sequence[Cell]) -> list[curves.Curve]:
+    """The validation pseudo Dice curve of every trained fold of the cells (its checkpoint's log), with the class or
+    region names of the dataset.json nnU-Net copied into the cell's result folder."""
+    found = []
+    for cell in cells:
+        folder = study.experiment_of(cell).result_folder(cell.trainer)
+        dataset_json = os.path.join(folder, "dataset.json")
+        if not os.path.isfile(dataset_json):
+            continue
+        with open(dataset_json) as f:
+            names = curves.foreground_names(json.load(f))
+        for fold in study.folds:
+            curve = curves.read_curve(os.path.join(folder, f"fold_{fold}"), names, cell.label, cell.labels,
+                                      cell.repeat, fold)
+            if curve is not None:
+                found.append(curve)
+    return found
+
+
+def write_training_curves(study: Study, cells: Sequence[Cell]) -> list[str]:
+    """``training_curves.md`` (last fifth vs the fifth before, per fold) and ``training_curves.png`` in the study
+    folder; the paths written (none before any fold has a checkpoint)."""
+    found = training_curves(study, cells)
+    if not found:
+        return []
+    table = os.path.join(study.output, "training_curves.md")
+    with open(table, "w") as f:
+        f.write(curves.plateau_table(found))
+    return [table, curves.plot_curves(found, os.path.join(study.output, "training_curves.png"))]
+
+
 def time_left(worked: Sequence[float], remaining: int) -> str:
     """Estimate of the time the ``remaining`` cells take, from the cells that trained or predicted so far."""
     if not worked or not remaining:
@@ -389,7 +422,7 @@ def run_local(study: Study, cells: Sequence[Cell], baseline: str = DEFAULTS["bas
     if cases:
         paths = write_report(cases, study.output, baseline=baseline)
         print("\n" + markdown_table(cases) + "\n", flush=True)
-        log("wrote " + ", ".join(paths.values()), "study")
+        log("wrote " + ", ".join([*paths.values(), *write_training_curves(study, cells)]), "study")
     if failed:
         log(f"{len(failed)} of {len(cells)} cells failed (details in {status_path}):\n  " + "\n  ".join(failed),
             "study")

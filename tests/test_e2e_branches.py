@@ -107,6 +107,7 @@ def test_interrupted_training_resumes_with_c(branch_dataset):
     # the branch monitor continues its curves: the checkpoint's records kept, one record per epoch, every part
     monitor = json.load(open(os.path.join(folder, "branch_monitor.json")))
     assert [r["epoch"] for r in monitor["epochs"]] == [0, 1, 2]
+    assert monitor["names"] == ["whole tumor", "tumor core", "enhancing tumor"]  # nnU-Net's order of pseudo Dice
     assert final["branch_monitor"]["records"] == monitor["epochs"]
     kept = saved["branch_monitor"]["records"]
     assert kept and monitor["epochs"][:len(kept)] == kept

@@ -584,7 +584,9 @@ def test_tiny_real_grid_through_the_cli(tiny_dataset, tmp_path):
     assert "| model | labels | unlabeled | Dice ET |" in report and "Paired differences to EncDec" in report
     assert "| VAESeg | – | ET | 2 |" in report  # the paired row of VAESeg vs EncDec over both repeats
     assert report.count("| 2 | nnUNetCPUPlans (InstanceNorm3d) |") == 4  # 2 models, both conventions
-    for figure in ("fig2_dice_vs_labels.png", "fig_paired_dice.png"):
+    curves_table = (output / "training_curves.md").read_text()  # every trained fold's pseudo Dice curve
+    assert all(f"| {m} | 2 | {r} | 0 | 1 |" in curves_table for m in ("EncDec", "VAESeg") for r in (0, 1))
+    for figure in ("fig2_dice_vs_labels.png", "fig_paired_dice.png", "training_curves.png"):
         assert (output / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     labeled = [json.load(open(os.path.join(ds["results"], f"EncDecTrainer_2labels_1epochs_2iters_noMirroring_s{r}"
                                            "__nnUNetCPUPlans__3d_fullres", "fold_0", "labeled_cases.json")))

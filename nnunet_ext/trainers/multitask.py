@@ -26,6 +26,7 @@ from nnunet_ext.compat import (
     network_built_by,
     unwrap_network,
 )
+from nnunet_ext.evaluation.curves import foreground_names
 from nnunet_ext.trainers.base import ExtTrainer
 from nnunet_ext.trainers.monitor import BranchMonitor, accumulated_grad_norm, grad_norm
 from nnunet_ext.trainers.ramps import sigmoid_rampup
@@ -304,7 +305,7 @@ class MultiTaskTrainer(ExtTrainer):
         self.print_to_log_file(self.monitor.summary(record))
         super().on_epoch_end()
         if self.local_rank == 0:
-            names = [name for name in self.dataset_json["labels"] if name != "background"]
+            names = foreground_names(self.dataset_json)  # nnU-Net's order of the pseudo Dice
             self.monitor.write(self.output_folder, {"trainer": type(self).__name__, "fold": self.fold, "names": names,
                                                     "title": f"{type(self).__name__} fold {self.fold}"})
 
