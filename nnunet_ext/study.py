@@ -364,7 +364,8 @@ def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
 
 def training_curves(study: Study, cells: Sequence[Cell]) -> list[curves.Curve]:
     """The validation pseudo Dice curve of every trained fold of the cells (its checkpoint's log), with the class or
-    region names of the dataset.json nnU-Net copied into the cell's result folder."""
+    region names of the dataset.json nnU-Net copied into the cell's result folder. A fold whose curve cannot be read
+    (a damaged checkpoint, a log that does not fit the names) is named in the console and left out."""
     found = []
     for cell in cells:
         folder = study.experiment_of(cell).result_folder(cell.trainer)
@@ -374,8 +375,12 @@ def training_curves(study: Study, cells: Sequence[Cell]) -> list[curves.Curve]:
         with open(dataset_json) as f:
             names = curves.foreground_names(json.load(f))
         for fold in study.folds:
-            curve = curves.read_curve(os.path.join(folder, f"fold_{fold}"), names, cell.label, cell.labels,
-                                      cell.repeat, fold)
+            try:
+                curve = curves.read_curve(os.path.join(folder, f"fold_{fold}"), names, cell.label, cell.labels,
+                                          cell.repeat, fold)
+            except Exception as error:  # an unreadable curve must not cost the report of a finished grid
+                log(f"{cell.name} fold {fold}: no training curve ({type(error).__name__}: {error})", "study")
+                continue
             if curve is not None:
                 found.append(curve)
     return found

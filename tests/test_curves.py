@@ -68,7 +68,7 @@ def test_plot_draws_every_curve(tmp_path):
     assert curves.plot_curves([], str(tmp_path / "none.png")) is None and not (tmp_path / "none.png").exists()
 
 
-def test_study_reads_the_curves_of_its_trained_folds(tmp_path, monkeypatch):
+def test_study_reads_the_curves_of_its_trained_folds(tmp_path, monkeypatch, capsys):
     from nnunet_ext import study as study_module
     from nnunet_ext.pipeline import Experiment
 
@@ -83,8 +83,15 @@ def test_study_reads_the_curves_of_its_trained_folds(tmp_path, monkeypatch):
     with open(os.path.join(folder, "dataset.json"), "w") as f:
         json.dump({"labels": REGIONS, "regions_class_order": [1, 2, 3]}, f)
     write_checkpoint(os.path.join(folder, "fold_1"), np.linspace(0, 1, 30).reshape(10, 3))
+    damaged = experiment.result_folder(cells[1].trainer)  # the other repeat: a checkpoint torch cannot read
+    os.makedirs(os.path.join(damaged, "fold_0"))
+    with open(os.path.join(damaged, "dataset.json"), "w") as f:
+        json.dump({"labels": REGIONS, "regions_class_order": [1, 2, 3]}, f)
+    with open(os.path.join(damaged, "fold_0", "checkpoint_final.pth"), "wb") as f:
+        f.write(b"not a checkpoint")
     found = study_module.training_curves(study, cells)
     assert [(c.model, c.repeat, c.fold, c.epochs) for c in found] == [("EncDec", trained.repeat, 1, 10)]
+    assert f"{cells[1].name} fold 0: no training curve" in capsys.readouterr().out
     assert found[0].names == ("whole tumor", "tumor core", "enhancing tumor")
     os.makedirs(study.output)
     written = study_module.write_training_curves(study, cells)
