@@ -5,6 +5,11 @@ command of the run that holds it, and removed when that run is done. A lock whos
 no longer alive) is stale and taken over, so a killed run never blocks the next one; a lock held by a live
 process, or by any process of another host (whose pids cannot be checked from here), is refused with an error
 that names the run holding it.
+
+A training fold is locked by the trainer itself (``ExtTrainer.run_training``), so two plain ``nnUNetv2_train``
+runs of one fold are kept apart too. A runner of ours (study, demo) takes the fold's lock before it checks whether
+the fold is trained and starts ``nnUNetv2_train``; it names itself in :data:`HOLDER_ENV` of the commands it starts
+(:func:`child_environment`), and the trainer then trains under its parent's lock instead of refusing it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from collections.abc import Iterator
 
 LOCK_FILE = ".nnunet_ext.lock"  # in the locked folder
+HOLDER_ENV = "NNUNET_EXT_LOCK_HOLDER"  # "host:pid" of the runner that started this process
 
 
 class LockedError(FileExistsError):
@@ -96,3 +102,27 @@ def held(path: str, what: str) -> Iterator[None]:
         yield
     finally:
         release(path)
+
+
+def child_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a command this process starts: it names this process in :data:`HOLDER_ENV`, so the command may
+    work under a lock this process holds (:func:`held_unless_by_parent`)."""
+    return {**env, HOLDER_ENV: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def held_by_parent(path: str) -> bool:
+    """Whether the lock file ``path`` is held, alive, by the run that started this process (its :data:`HOLDER_ENV`)."""
+    holder, parent = _holder(path), os.environ.get(HOLDER_ENV)
+    return (holder is not None and parent == f"{holder.get('host')}:{holder.get('pid')}"
+            and not _is_stale(holder))
+
+
+@contextlib.contextmanager
+def held_unless_by_parent(path: str, what: str) -> Iterator[None]:
+    """Hold ``path`` for the block like :func:`held`, unless the run that started this process holds it already (a
+    study training a fold through ``nnUNetv2_train``): then work under that lock and leave it to its holder."""
+    if held_by_parent(path):
+        yield
+        return
+    with held(path, what):
+        yield

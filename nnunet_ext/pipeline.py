@@ -65,7 +65,8 @@ def run_command(cmd: list[str], env: dict[str, str], log_path: str, echo: bool =
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     last = collections.deque(maxlen=200)
     with open(log_path, "a", buffering=1) as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=locks.child_environment(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log_file.write(line)
             last.append(line)
@@ -152,8 +153,9 @@ class Experiment:
         return os.path.join(self.log_folder, f"predict_{trainer}.log")
 
     def training_lock(self, trainer: str, fold: int) -> contextlib.AbstractContextManager:
-        """The lock that keeps a second run of ours from training this fold into the same result folder while one
-        does (:mod:`nnunet_ext.locks`; a killed run's lock is taken over)."""
+        """The lock that keeps a second run from training this fold into the same result folder while one does
+        (:mod:`nnunet_ext.locks`; a killed run's lock is taken over). The trainer takes the same lock; the
+        ``nnUNetv2_train`` that :func:`run_command` starts under it works under this run's (``locks.HOLDER_ENV``)."""
         folder = os.path.join(self.result_folder(trainer), f"fold_{fold}")
         return locks.held(os.path.join(folder, locks.LOCK_FILE), f"training fold {fold} of {trainer} ({folder})")
 

@@ -32,8 +32,9 @@ line for any scheduler; ``--dispatch submitit`` submits the remaining training f
 
 One run at a time: a run holds a lock on its output folder, and each training fold a lock in its nnU-Net result
 folder (:mod:`nnunet_ext.locks`: pid and host recorded, a killed run's lock taken over), so a second run on the
-same folder is refused naming the run that holds it, and a second study on the same result folders fails the
-cell whose fold is being trained instead of training it twice.
+same folder is refused naming the run that holds it, and a second study on the same result folders (or a plain
+``nnUNetv2_train`` of a fold it trains: the trainer takes the same lock) fails the cell whose fold is being
+trained instead of training it twice.
 """
 
 from __future__ import annotations

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import run
+from test_locks import dead_pid, write_lock
+
+from nnunet_ext import locks
 
 pytestmark = pytest.mark.slow
 TRAINER = "EncDecTrainer_3labels_1epochs_4iters_noMirroring"
@@ -29,10 +33,13 @@ def test_plans_are_small(tiny_dataset):
 
 def test_train_two_folds_predict_and_ensemble(tiny_dataset, tmp_path):
     ds = tiny_dataset
+    out_base = os.path.join(ds["results"], f"{TRAINER}__nnUNetCPUPlans__3d_fullres")
+    killed = Path(out_base, "fold_0", locks.LOCK_FILE)
+    write_lock(killed, dead_pid())  # a run of this fold was killed: its lock is taken over, then released
     for fold in (0, 1):
         _train(ds, TRAINER, fold)
+    assert not killed.exists()
     splits = json.load(open(os.path.join(ds["preprocessed"], "splits_final.json")))
-    out_base = os.path.join(ds["results"], f"{TRAINER}__nnUNetCPUPlans__3d_fullres")
     for fold in (0, 1):
         labeled = json.load(open(os.path.join(out_base, f"fold_{fold}", "labeled_cases.json")))
         assert len(labeled["labeled"]) == 3
@@ -63,6 +70,21 @@ def test_train_two_folds_predict_and_ensemble(tiny_dataset, tmp_path):
             pred = sitk.ReadImage(os.path.join(folder, case))
             assert pred.GetSize() == reference.GetSize() and pred.GetSpacing() == reference.GetSpacing()
             assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
+
+
+def test_a_fold_being_trained_is_not_trained_twice(tiny_dataset):
+    """A plain nnUNetv2_train of a fold that a live run is training is refused, naming that run, before it writes
+    anything there (the trainer locks its fold, not only our study and demo)."""
+    ds, trainer = tiny_dataset, "EncDecTrainer_3labels_1epochs_2iters_noMirroring"
+    fold = Path(ds["results"], f"{trainer}__nnUNetCPUPlans__3d_fullres", "fold_0")
+    write_lock(fold / locks.LOCK_FILE, os.getpid())  # this test's process stands for the run training the fold
+    env = {k: v for k, v in ds["env"].items() if k != locks.HOLDER_ENV}
+    proc = subprocess.run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", "nnUNetCPUPlans", "-tr", trainer,
+                           "-device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert f"training fold 0 of {trainer} ({fold}) is in use by pid {os.getpid()}" in proc.stdout + proc.stderr
+    written = [f for f in os.listdir(fold) if f != locks.LOCK_FILE and not f.startswith("training_log_")]
+    assert not written, written  # nothing but a log of its own: refused before training began
 
 
 def test_bad_trainer_names_fail_clearly(tiny_dataset):

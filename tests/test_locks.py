@@ -50,3 +50,29 @@ def test_a_live_or_foreign_holder_is_named_and_a_dead_one_taken_over(tmp_path):
     with locks.held(str(path), "training fold 0 of T"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not path.exists()
+
+
+def test_a_child_works_under_its_parents_lock_and_nobody_elses(tmp_path, monkeypatch):
+    path = str(tmp_path / "fold_0" / locks.LOCK_FILE)
+    with locks.held(path, "training fold 0 of T"):
+        # a process started by the holder (its environment names the holder): works under the lock, leaves it held
+        monkeypatch.setattr(os, "environ", locks.child_environment(dict(os.environ)))
+        assert locks.held_by_parent(path)
+        with locks.held_unless_by_parent(path, "training fold 0 of T"):
+            pass
+        assert json.loads(open(path).read())["pid"] == os.getpid()
+        # a process started by anyone else is refused
+        monkeypatch.setitem(os.environ, locks.HOLDER_ENV, f"{socket.gethostname()}:{os.getppid()}")
+        assert not locks.held_by_parent(path)
+        with pytest.raises(locks.LockedError, match=f"training fold 0 of T is in use by pid {os.getpid()}"):
+            with locks.held_unless_by_parent(path, "training fold 0 of T"):
+                pass
+        monkeypatch.delitem(os.environ, locks.HOLDER_ENV)
+        with pytest.raises(locks.LockedError):
+            with locks.held_unless_by_parent(path, "training fold 0 of T"):
+                pass
+    assert not os.path.exists(path)
+    # nobody holds it: the process takes it itself and releases it
+    with locks.held_unless_by_parent(path, "training fold 0 of T"):
+        assert json.loads(open(path).read())["pid"] == os.getpid()
+    assert not os.path.exists(path)

@@ -11,6 +11,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ext import locks
 from nnunet_ext.compat import (
     accept_pretrained_weights,
     captured_checkpoint_load,
@@ -70,6 +71,28 @@ class ExtTrainer(nnUNetTrainer):
         """nnU-Net's initialize; ``-pretrained_weights`` then loads whatever matches (``nnunet_ext.pretrained``)."""
         super().initialize()
         accept_pretrained_weights(self.network, self.print_to_log_file, record_folder=self.output_folder)
+
+    # -- one run per fold -------------------------------------------------------------------------------
+    def fold_lock(self) -> contextlib.AbstractContextManager:
+        """The lock file in the fold's result folder, held while this process trains or validates it
+        (:mod:`nnunet_ext.locks`): a second ``nnUNetv2_train`` of the same fold is refused with the holder named,
+        instead of both writing one folder's checkpoints; a killed run's lock is taken over; a study or demo that
+        locked the fold before starting this process lends it its lock. DDP: rank 0 holds it for all ranks."""
+        if self.local_rank != 0:
+            return contextlib.nullcontext()
+        return locks.held_unless_by_parent(os.path.join(self.output_folder, locks.LOCK_FILE),
+                                           f"training fold {self.fold} of {self.__class__.__name__} "
+                                           f"({self.output_folder})")
+
+    def run_training(self):
+        """nnU-Net's training loop under :meth:`fold_lock`."""
+        with self.fold_lock():
+            super().run_training()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation under :meth:`fold_lock` (it writes the fold's validation folder)."""
+        with self.fold_lock():
+            super().perform_actual_validation(save_probabilities)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
