@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from nnunet_ext.datasets.prepare import DEMO, PLANS, ROOT, prepare_synthetic_dataset
 from nnunet_ext.evaluation.report import markdown_table, summary_case_results
+from nnunet_ext.files import write_text_atomic
 from nnunet_ext.pipeline import Experiment, local_environment, log
 from nnunet_ext.trainers.names import PAPER_MODELS, is_semi_supervised, parse_trainer_name, trainer_name
 
@@ -91,10 +92,9 @@ def run(args: argparse.Namespace) -> int:
                                      os.path.join(raw, "dataset.json"))
         log(f"{name}: trained {len(args.folds)} folds and predicted in {time.time() - step:.0f} s", "demo")
     table = results_table(rows, experiment, args.folds)
-    with open(os.path.join(args.output, "demo_results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.output, "demo_results.json"), "w") as f:
-        json.dump({n: r["summary"] for n, r in rows.items()}, f, indent=2, default=str)
+    write_text_atomic(os.path.join(args.output, "demo_results.md"), table + "\n")
+    write_text_atomic(os.path.join(args.output, "demo_results.json"),
+                      json.dumps({n: r["summary"] for n, r in rows.items()}, indent=2, default=str))
     print("\n" + table + "\n", flush=True)
     log(f"test-set metrics (BraTS empty-mask convention) written to {args.output}/demo_results.md", "demo")
     log(f"done in {time.time() - started:.0f} s", "demo")

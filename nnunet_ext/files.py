@@ -8,10 +8,13 @@ temporary file), is flushed to disk, then ``os.replace`` puts it in place. The f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import secrets
+from collections.abc import Iterator
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -25,7 +28,7 @@ def write_text_atomic(path: str, text: str) -> None:
         except FileExistsError:
             continue
     try:
-        with os.fdopen(handle, "w") as f:
+        with os.fdopen(handle, "w", newline="") as f:  # the text as given (csv's line ends included)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -34,6 +37,15 @@ def write_text_atomic(path: str, text: str) -> None:
         if os.path.exists(partial):
             os.unlink(partial)
         raise
+
+
+@contextlib.contextmanager
+def atomic_text(path: str) -> Iterator[io.StringIO]:
+    """A text buffer for the block (``csv.writer`` takes it like a file), written to ``path`` at once
+    (:func:`write_text_atomic`) when the block ends; nothing is written when it raises."""
+    buffer = io.StringIO(newline="")
+    yield buffer
+    write_text_atomic(path, buffer.getvalue())
 
 
 def write_json_atomic(path: str, content: object, indent: int | None = 1) -> None:

@@ -50,7 +50,7 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from nnunet_ext import locks, pipeline
+from nnunet_ext import files, locks, pipeline
 from nnunet_ext.datasets import prepare
 from nnunet_ext.evaluation import curves
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
@@ -296,8 +296,8 @@ def reject_stale_predictions(study: Study, cell: Cell, progress: str) -> None:
     dataset = evaluate.load_dataset_json(os.path.join(study.raw, "dataset.json"))
     ending = dataset["file_ending"]
     inputs = raw_cases(os.path.join(study.raw, "imagesTs"), ending, len(dataset["channel_names"]))
-    for files in inputs.values():
-        for f in files:
+    for case_files in inputs.values():
+        for f in case_files:
             check_file(f)
     folder = study.prediction_folder(cell)
     predictions = sorted(f for f in os.listdir(folder) if f.endswith(ending)) if os.path.isdir(folder) else []
@@ -342,8 +342,7 @@ def update_status(path: str, cell: Cell, folds: list[int], entry: dict) -> None:
     status[cell.name] = {"model": cell.label, "labels": cell.labels, "unlabeled": cell.unlabeled,
                             "folds": folds, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **entry}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(status, f, indent=2)
+    files.write_json_atomic(path, status, indent=2)
 
 
 def case_results(study: Study, cells: Sequence[Cell]) -> list[CaseResult]:
@@ -394,8 +393,7 @@ def write_training_curves(study: Study, cells: Sequence[Cell]) -> list[str]:
     if not found:
         return []
     table = os.path.join(study.output, "training_curves.md")
-    with open(table, "w") as f:
-        f.write(curves.plateau_table(found))
+    files.write_text_atomic(table, curves.plateau_table(found))
     return [table, curves.plot_curves(found, os.path.join(study.output, "training_curves.png"))]
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import run
 from test_multitask import make_net
 
-from nnunet_ext.files import json_differences, write_json_atomic, write_text_atomic
+from nnunet_ext.files import atomic_text, json_differences, write_json_atomic, write_text_atomic
 from nnunet_ext.pretrained import load_matching, same_tensor_names, state_dict_of
 
 
@@ -98,6 +98,23 @@ def test_json_goes_into_place_at_once_with_the_mode_open_gives(tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == ["a.json", "a.json.partial", "a.json.tmp"]  # no temporary file left
     assert json.loads((tmp_path / "a.json").read_text()) == {"a": 0o027}
     assert json_differences({"a": {"b": 1, "c": [1]}, "d": 1}, {"a": {"b": 1, "c": [2]}, "e": 1}) == ["a.c", "d", "e"]
+
+
+def test_a_table_written_through_atomic_text_appears_whole_or_not_at_all(tmp_path):
+    import csv
+
+    path = str(tmp_path / "results.csv")
+    with atomic_text(path) as f:
+        writer = csv.writer(f)
+        writer.writerows([["case", "dice"], ["a", 0.5]])
+        assert not os.path.exists(path)  # nothing in place before the table is complete
+    assert open(path, newline="").read() == "case,dice\r\na,0.5\r\n"  # csv's own line ends, untranslated
+    with pytest.raises(RuntimeError, match="metric failed"):
+        with atomic_text(path) as f:
+            f.write("case,dice\r\n")
+            raise RuntimeError("metric failed")
+    assert open(path, newline="").read() == "case,dice\r\na,0.5\r\n"  # the complete old table is kept
+    assert os.listdir(tmp_path) == ["results.csv"]
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ from nnunet_ext.evaluation.metrics import (
     hd95_surfels,
     nsd,
 )
+from nnunet_ext.files import atomic_text, write_text_atomic
 from nnunet_ext.images import Geometry, read_image
 
 METRICS = ("Dice", "HD95")
@@ -327,7 +328,7 @@ def _json_safe(value):
 def write_per_case_csv(result: dict, path: Path) -> None:
     """Write one CSV row per case and region: case, region, dice, hd95_mm, n_ref, n_pred, extra metrics."""
     extra = {column: key for name in result["extra_metrics"] for column, key in EXTRA_CSV_COLUMNS[name].items()}
-    with open(path, "w", newline="") as f:
+    with atomic_text(str(path)) as f:
         writer = csv.writer(f)
         writer.writerow(["case", "region", "dice", "hd95_mm", "n_ref", "n_pred", *extra])
         for case in result["metric_per_case"]:
@@ -338,7 +339,7 @@ def write_per_case_csv(result: dict, path: Path) -> None:
 
 def write_lesion_csv(result: dict, path: Path) -> None:
     """Write one CSV row per case, region and lesion or false-positive component (:data:`LESION_CSV_COLUMNS`)."""
-    with open(path, "w", newline="") as f:
+    with atomic_text(str(path)) as f:
         writer = csv.DictWriter(f, fieldnames=LESION_CSV_COLUMNS)
         writer.writeheader()
         for case in result["metric_per_case"]:
@@ -462,8 +463,7 @@ def evaluate_folder(
         "metric_per_case": [{"case": c, **r} for c, r in zip(cases, per_case, strict=True)],
     }
     output_json.parent.mkdir(parents=True, exist_ok=True)
-    with open(output_json, "w") as f:
-        json.dump(_json_safe(result), f, indent=2, allow_nan=False)
+    write_text_atomic(str(output_json), json.dumps(_json_safe(result), indent=2, allow_nan=False))
     write_per_case_csv(result, output_csv)
     if lesions:
         write_lesion_csv(result, lesion_csv_path(output_json))

@@ -57,6 +57,7 @@ from nnunet_ext.evaluation.statistics import (
     starred,
     worst_repeat_ratio,
 )
+from nnunet_ext.files import atomic_text, write_text_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -251,7 +252,7 @@ def write_csv(rows: Sequence[ResultRow], path: str) -> str:
     """Write one CSV line per row with :data:`CSV_COLUMNS`, then a column per optional metric present (folds and
     per-fold counts space-separated, None and unknown plans as empty)."""
     optional = metrics_present(rows)[2:]
-    with open(path, "w", newline="") as f:
+    with atomic_text(path) as f:
         writer = csv.writer(f)
         writer.writerow([*CSV_COLUMNS, *(OPTIONAL_METRICS[m][1] for m in optional)])
         for r in rows:
@@ -464,7 +465,7 @@ def paired_tables(cases: Sequence[CaseResult], policy: str = "brats", baseline: 
 
 def write_paired_csv(rows: Sequence[PairedRow], path: str) -> str:
     """Write one CSV line per paired comparison with :data:`PAIRED_CSV_COLUMNS` (unadjusted interval, raw p)."""
-    with open(path, "w", newline="") as f:
+    with atomic_text(path) as f:
         writer = csv.writer(f)
         writer.writerow(PAIRED_CSV_COLUMNS)
         for r in rows:
@@ -620,8 +621,7 @@ def write_report(cases: Sequence[CaseResult], folder: str, baseline: str = BASEL
     write_csv(rows, paths["csv"])
     write_paired_csv([r for policy in policy_order(cases) for r in paired_rows(cases, policy, baseline)],
                      paths["paired_csv"])
-    with open(paths["table"], "w") as f:
-        f.write(markdown_report(cases, baseline) + "\n")
+    write_text_atomic(paths["table"], markdown_report(cases, baseline) + "\n")
     plot_dice_vs_labels(rows, paths["fig2"])
     optional = {"fig4": plot_dice_vs_unlabeled(rows, paths["fig4"]),
                 "paired": plot_paired_dice(cases, paths["paired"], baseline)}
