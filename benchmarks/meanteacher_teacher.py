@@ -14,7 +14,6 @@ region, paired over repeats × test cases (crossed bootstrap interval and Wilcox
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from nnunet_ext.evaluation.evaluate import evaluate_folder
 from nnunet_ext.evaluation.report import summary_case_results
 from nnunet_ext.evaluation.statistics import compare
+from nnunet_ext.files import write_json_atomic
 from nnunet_ext.pipeline import Experiment, log, run_command
 
 TEACHER_CHECKPOINT = "checkpoint_teacher.pth"
@@ -89,14 +89,17 @@ def main() -> None:
         result = compare(values["teacher"], values["student"])
         rows.append({"region": region, "student": float(np.nanmean(values["student"])),
                      "teacher": float(np.nanmean(values["teacher"])), "difference": result.mean,
-                     "low": result.low, "high": result.high, "p": result.p_value, "pairs": result.n_pairs})
+                     "low": None if result.too_few_cases else result.low,
+                     "high": None if result.too_few_cases else result.high, "p": result.p_value,
+                     "pairs": result.n_pairs, "cases": result.n_cases})
+        interval = (f"(no interval: {result.n_cases} test cases, fewer than {result.min_cases})"
+                    if result.too_few_cases else f"[{result.low:+.3f}, {result.high:+.3f}]")
         print(f"| {region} | {rows[-1]['student']:.3f} | {rows[-1]['teacher']:.3f} | {result.mean:+.3f} "
-              f"[{result.low:+.3f}, {result.high:+.3f}] | {result.p_value:.3g} |")
+              f"{interval} | {result.p_value:.3g} |")
     path = os.path.join(output, "meanteacher_teacher.json")
     os.makedirs(output, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"trainers": args.trainers, "fold": args.fold, "dataset": name, "plans": args.plans,
-                   "configuration": args.configuration, "rows": rows}, f, indent=2)
+    write_json_atomic(path, {"trainers": args.trainers, "fold": args.fold, "dataset": name, "plans": args.plans,
+                             "configuration": args.configuration, "rows": rows}, indent=2)
     print(f"\nwrote {path}")
 
 
