@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nnunet_ext import locks
+from nnunet_ext import checkpoints, locks
 from nnunet_ext.data.budgets import UNLABELED_IDS_FILE
 
 # lines of nnU-Net's output worth echoing while a step runs
@@ -126,9 +126,15 @@ class Experiment:
         return tuple(counts)
 
     def is_trained(self, trainer: str, fold: int) -> bool:
-        """True when the fold finished training and nnU-Net's final validation."""
-        return os.path.isfile(os.path.join(self.result_folder(trainer), f"fold_{fold}", "validation",
-                                           "summary.json"))
+        """True when the fold finished training and nnU-Net's final validation. A finished fold whose final
+        checkpoint another trainer wrote (a renamed or copied result folder) raises
+        :class:`~nnunet_ext.checkpoints.ForeignCheckpointError` instead of passing as trained: it would fail at
+        prediction, or predict with the other trainer. (An unfinished one is refused by the trainer on ``--c``.)"""
+        fold_folder = os.path.join(self.result_folder(trainer), f"fold_{fold}")
+        if not os.path.isfile(os.path.join(fold_folder, "validation", "summary.json")):
+            return False
+        checkpoints.check_fold(fold_folder, trainer, ("checkpoint_final.pth",))
+        return True
 
     def train_command(self, trainer: str, fold: int) -> list[str]:
         """The nnUNetv2_train command of one fold (``--c`` resumes, or starts when nothing exists)."""

@@ -444,6 +444,34 @@ def test_damaged_test_image_fails_the_cell_naming_it(fake_nnunet, capsys):
     assert not [c for c in fake_nnunet.calls if c[0] == "nnUNetv2_predict"]
 
 
+def test_a_trained_fold_whose_checkpoint_another_trainer_wrote_fails_its_cell_by_name(fake_nnunet, capsys):
+    import torch
+
+    def trained_fold(trainer: str, written_by: str) -> pathlib.Path:
+        fold = fake_nnunet.results / RESULT_FOLDER.format(trainer=trainer) / "fold_0"
+        (fold / "validation").mkdir(parents=True)
+        (fold / "validation" / "summary.json").write_text("{}")
+        torch.save({"trainer_name": written_by, "network_weights": {}}, fold / "checkpoint_final.pth")
+        return fold
+
+    # a folder renamed from a trainer class that no longer exists, and one that is what its name says
+    renamed = trained_fold("EncDecTrainer_3labels", "EncDecConstTrainer_3labels")
+    trained_fold("EncDecTrainer_4labels", "EncDecTrainer_4labels")
+    assert study("--trainers", "EncDec", "--labels", "3", "4", "--folds", "0") == 1
+    out = capsys.readouterr().out
+    path = str(renamed / "checkpoint_final.pth")
+    assert (f"EncDecTrainer_3labels: FAILED: {path} was written by trainer EncDecConstTrainer_3labels, not "
+            "EncDecTrainer_3labels") in out
+    assert "Rename the folder back to EncDecConstTrainer_3labels__nnUNetPlans__3d_fullres" in out
+    assert "EncDecTrainer_4labels fold 0: already trained, skipping" in out
+    assert fake_nnunet.calls and not trainings(fake_nnunet.calls)  # nothing trained over either folder
+    assert [c[c.index("-tr") + 1] for c in fake_nnunet.calls] == ["EncDecTrainer_4labels"]  # only it predicted
+    status = json.loads((fake_nnunet.output / "study_status.json").read_text())
+    assert status["EncDecTrainer_3labels"]["state"] == "failed" and status["EncDecTrainer_4labels"]["state"] == "done"
+    assert "EncDecConstTrainer_3labels" in status["EncDecTrainer_3labels"]["error"]
+    assert os.path.isfile(path)  # and the foreign checkpoint is left where it was
+
+
 def test_report_says_how_many_unlabeled_images_each_fold_used(fake_nnunet, ss_base):
     assert study("--trainers", "EncDec", ss_base, "--labels", "3", "--folds", "0", "1") == 0
     table = (fake_nnunet.output / "results.md").read_text()

@@ -11,7 +11,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext import locks
+from nnunet_ext import checkpoints, locks
 from nnunet_ext.compat import (
     accept_pretrained_weights,
     captured_checkpoint_load,
@@ -118,7 +118,14 @@ class ExtTrainer(nnUNetTrainer):
         os.replace(partial, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """nnU-Net's checkpoint loading, then :meth:`restore_checkpoint_extras` from the same dictionary."""
+        """nnU-Net's checkpoint loading, then :meth:`restore_checkpoint_extras` from the same dictionary; a
+        checkpoint written by another trainer (a renamed or copied result folder) is refused before anything is
+        loaded (:mod:`nnunet_ext.checkpoints`)."""
+        if isinstance(filename_or_checkpoint, str):
+            path, found = filename_or_checkpoint, checkpoints.written_by(filename_or_checkpoint)
+        else:
+            path, found = os.path.join(self.output_folder, "(checkpoint)"), filename_or_checkpoint.get("trainer_name")
+        checkpoints.check_written_by(found, path, self.__class__.__name__)
         with captured_checkpoint_load(filename_or_checkpoint) as loaded:
             super().load_checkpoint(filename_or_checkpoint)
         self.restore_checkpoint_extras(loaded[0], str(filename_or_checkpoint))
