@@ -121,12 +121,15 @@ class ExtTrainer(nnUNetTrainer):
         """nnU-Net's checkpoint loading, then :meth:`restore_checkpoint_extras` from the same dictionary; a
         checkpoint written by another trainer (a renamed or copied result folder) is refused before anything is
         loaded (:mod:`nnunet_ext.checkpoints`)."""
-        if isinstance(filename_or_checkpoint, str):
-            path, found = filename_or_checkpoint, checkpoints.written_by(filename_or_checkpoint)
-        else:
-            path, found = os.path.join(self.output_folder, "(checkpoint)"), filename_or_checkpoint.get("trainer_name")
-        checkpoints.check_written_by(found, path, self.__class__.__name__)
-        with captured_checkpoint_load(filename_or_checkpoint) as loaded:
+        path = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else \
+            os.path.join(self.output_folder, "(checkpoint)")
+
+        def check(checkpoint: dict) -> None:
+            checkpoints.check_written_by(checkpoint.get("trainer_name"), path, self.__class__.__name__)
+
+        if isinstance(filename_or_checkpoint, dict):
+            check(filename_or_checkpoint)
+        with captured_checkpoint_load(filename_or_checkpoint, check) as loaded:
             super().load_checkpoint(filename_or_checkpoint)
         self.restore_checkpoint_extras(loaded[0], str(filename_or_checkpoint))
 
