@@ -38,11 +38,3 @@ def check_written_by(found: str | None, path: str, expected: str) -> None:
         f"another trainer's. Resuming it (--c) would continue {found}'s training under the name {expected}, and "
         f"nnUNetv2_predict would look for {found}. Rename the folder back to {found}__{rest} "
         f"or move it away to train {expected} from scratch.")
-
-
-def check_fold(fold_folder: str, expected: str, names: tuple[str, ...]) -> None:
-    """Check every checkpoint file of ``names`` present in ``fold_folder`` with :func:`check_written_by`."""
-    for name in names:
-        path = os.path.join(fold_folder, name)
-        if os.path.isfile(path):
-            check_written_by(written_by(path), path, expected)

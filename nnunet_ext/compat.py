@@ -253,8 +253,9 @@ def captured_checkpoint_save() -> Iterator[list[dict]]:
 def captured_checkpoint_load(filename_or_checkpoint: str | dict,
                              check: Callable[[dict], None] | None = None) -> Iterator[list[dict]]:
     """While the block runs, the checkpoint ``nnUNetTrainer.load_checkpoint`` reads is also put into the yielded
-    list (a dictionary argument is put there as it is); ``check``, when given, sees it first, before nnU-Net
-    restores anything from it (an exception it raises ends the load with nothing restored).
+    list (a dictionary argument is put there as it is); ``check``, when given, sees the checkpoint first (a file's
+    on nnU-Net's read, a dictionary before the block runs), before nnU-Net restores anything from it (an exception
+    it raises ends the load with nothing restored).
 
     nnU-Net reads the file with ``torch.load`` and keeps only what it restores; multi-task trainers restore their
     branch from the same dictionary instead of reading the file twice. (nnU-Net 2.8.1's ``load_checkpoint`` fails
@@ -269,6 +270,8 @@ def captured_checkpoint_load(filename_or_checkpoint: str | dict,
             check(loaded[-1])
         return loaded[-1]
 
+    if check is not None and isinstance(filename_or_checkpoint, dict):
+        check(filename_or_checkpoint)
     with _nnunet_trainer_torch("captured_checkpoint_load", load=recording_load):
         yield loaded
     if isinstance(filename_or_checkpoint, dict):

@@ -133,7 +133,9 @@ class Experiment:
         fold_folder = os.path.join(self.result_folder(trainer), f"fold_{fold}")
         if not os.path.isfile(os.path.join(fold_folder, "validation", "summary.json")):
             return False
-        checkpoints.check_fold(fold_folder, trainer, ("checkpoint_final.pth",))
+        final = os.path.join(fold_folder, "checkpoint_final.pth")
+        if os.path.isfile(final):
+            checkpoints.check_written_by(checkpoints.written_by(final), final, trainer)
         return True
 
     def train_command(self, trainer: str, fold: int) -> list[str]:

@@ -127,8 +127,6 @@ class ExtTrainer(nnUNetTrainer):
         def check(checkpoint: dict) -> None:
             checkpoints.check_written_by(checkpoint.get("trainer_name"), path, self.__class__.__name__)
 
-        if isinstance(filename_or_checkpoint, dict):
-            check(filename_or_checkpoint)
         with captured_checkpoint_load(filename_or_checkpoint, check) as loaded:
             super().load_checkpoint(filename_or_checkpoint)
         self.restore_checkpoint_extras(loaded[0], str(filename_or_checkpoint))
