@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nnunet_ext.trainers.cpc import CPCSegCapTrainer, CPCSegTrainer, ssCPCSegCapTrainer, ssCPCSegTrainer
+from nnunet_ext.trainers.cpc import (CPCSegCapTrainer, CPCSegTrainer, CPCSegZeroTrainer, ssCPCSegCapTrainer,
+                                    ssCPCSegTrainer, ssCPCSegZeroTrainer)
 from nnunet_ext.trainers.monitor import MONITOR_FILE, MONITOR_PLOT, BranchMonitor, accumulated_grad_norm, grad_norm
 from nnunet_ext.trainers.multitask import MultiTaskLoss, MultiTaskOutput, MultiTaskTrainer
-from nnunet_ext.trainers.names import parse_trainer_name, trainer_class
+from nnunet_ext.trainers.names import is_semi_supervised, parse_trainer_name, trainer_class
 
 
 class SumLoss(torch.nn.Module):
@@ -132,3 +133,14 @@ def test_cpc_default_is_the_papers_constant_and_ramp_and_cap_stay_by_name():
     cls = trainer_class("ssCPCSegCapTrainer_6labels_10epochs_s2")
     assert issubclass(cls, ssCPCSegCapTrainer) and cls.branch_pull_cap == 1.0
     assert parse_trainer_name("CPCSegCapTrainer_3labels").base == "CPCSegCapTrainer"
+
+
+def test_the_zero_control_is_cpcseg_with_weight_zero_and_nothing_else_changed():
+    for control, model in ((CPCSegZeroTrainer, CPCSegTrainer), (ssCPCSegZeroTrainer, ssCPCSegTrainer)):
+        assert issubclass(control, CPCSegTrainer) and control.branch_kwargs == {"weight": 0.0}
+        assert (control.branch_rampup_fraction, control.branch_pull_cap, control.monitor_probes) == \
+            (model.branch_rampup_fraction, model.branch_pull_cap, model.monitor_probes)
+    assert is_semi_supervised("ssCPCSegZero") and not is_semi_supervised("CPCSegZero")
+    cls = trainer_class("ssCPCSegZeroTrainer_6labels_10epochs_s2")
+    assert issubclass(cls, ssCPCSegZeroTrainer) and cls.branch_kwargs == {"weight": 0.0}
+    assert parse_trainer_name("CPCSegZeroTrainer_3labels_s1").base == "CPCSegZeroTrainer"

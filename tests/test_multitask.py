@@ -188,3 +188,24 @@ def test_checkpoint_appears_only_with_its_branch(tmp_path, monkeypatch):
         trainer.multitask_network.branch.state_dict())
     assert seen and all(seen)
     assert os.listdir(tmp_path) == ["checkpoint_best.pth"]
+
+
+def test_a_cpc_branch_of_weight_zero_adds_no_gradient_and_one_of_weight_half_does():
+    """CPCSegZeroTrainer's premise: with weight 0 the branch runs but every parameter gets exactly the gradient of the
+    segmentation loss alone (the branch's own ones 0); the same branch at weight 0.5 changes the encoder's."""
+    x, t = torch.randn(2, 4, *PATCH), targets(2, seed=1)
+    reference = make_net()
+    seg_loss()(reference.train()(x), t).backward()
+
+    def step(weight: float) -> tuple[dict[str, torch.Tensor], MultiTaskNetwork]:
+        net = make_net()
+        model = MultiTaskNetwork(net, CPCBranch.from_encoder(net.encoder, PATCH, 4, 3, weight=weight)).train()
+        model.pending = BranchBatch(None)
+        MultiTaskLoss(seg_loss())(model(x), t).backward()
+        return {n: p.grad for n, p in net.named_parameters()}, model
+
+    zero, model = step(0.0)
+    assert all(torch.equal(zero[n], p.grad) for n, p in reference.named_parameters())
+    assert all(p.grad is None or not p.grad.any() for p in model.branch.parameters())
+    half, _ = step(0.5)
+    assert not all(torch.equal(half[n], p.grad) for n, p in reference.encoder.named_parameters(prefix="encoder"))

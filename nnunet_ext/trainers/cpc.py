@@ -76,3 +76,20 @@ class ssCPCSegCapTrainer(SemiSupervisedMixin, CPCSegCapTrainer):
     """ssCPCSeg with CPCSegCapTrainer's ramp and pull cap."""
 
     trainer_spec = TrainerSpec(base="ssCPCSegCapTrainer")
+
+
+class CPCSegZeroTrainer(CPCSegTrainer):
+    """Negative control of CPCSeg: the same network, branch, passes, monitor and GroupNorm plans, with weight 0, so the
+    branch adds no gradient anywhere (not to the encoder, not to its own parameters). Paired with EncDec on the same
+    seed it measures what running the branch changes besides its pull (its random draws, its initialisation taking
+    random numbers after the network's); a difference CPCSeg shows beyond this control's is the pull's doing
+    (docs/study.md, "CPC stability")."""
+
+    trainer_spec = TrainerSpec(base="CPCSegZeroTrainer")
+    branch_kwargs = {"weight": 0.0}
+
+
+class ssCPCSegZeroTrainer(SemiSupervisedMixin, CPCSegZeroTrainer):
+    """ssCPCSeg's negative control: both CPC passes (labeled and unlabeled batch) run with weight 0."""
+
+    trainer_spec = TrainerSpec(base="ssCPCSegZeroTrainer")

@@ -34,6 +34,8 @@ BASES: dict[str, tuple[str, bool]] = {
     "ssCPCSegTrainer": ("nnunet_ext.trainers.cpc", True),
     "CPCSegCapTrainer": ("nnunet_ext.trainers.cpc", False),
     "ssCPCSegCapTrainer": ("nnunet_ext.trainers.cpc", True),
+    "CPCSegZeroTrainer": ("nnunet_ext.trainers.cpc", False),
+    "ssCPCSegZeroTrainer": ("nnunet_ext.trainers.cpc", True),
     "MeanTeacherTrainer": ("nnunet_ext.trainers.meanteacher", True),
     "PseudoLabelTrainer": ("nnunet_ext.trainers.pseudolabel", True),
 }
