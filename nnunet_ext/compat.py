@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from torch import nn
 from torch._dynamo import OptimizedModule  # torch.compile's wrapper; nnU-Net unwraps it the same way
 from torch.nn.parallel import DistributedDataParallel
@@ -182,18 +183,25 @@ def after_zero_grad(optimizer: torch.optim.Optimizer, action: Callable[[], None]
 
 @contextlib.contextmanager
 def seeded_augmenters(seeds_for: Callable[[int, int], list[int] | None]) -> Iterator[None]:
-    """While the block runs, the augmenters ``nnUNetTrainer.get_dataloaders`` builds get worker seeds.
+    """While the block runs, the augmenters ``nnUNetTrainer.get_dataloaders`` builds get seeds.
 
-    nnU-Net constructs its ``NonDetMultiThreadedAugmenter`` (training first, then validation) inline with
-    ``seeds=None``, so every worker seeds itself from the OS; seeded trainers (``_s<S>``) need reproducible
-    workers. The module's ``NonDetMultiThreadedAugmenter`` is replaced, inside the block only, by a subclass
-    that asks ``seeds_for(stream, num_processes)`` (stream 0, 1, ... in construction order) when it is given
-    no seeds. Precondition, checked: nnU-Net's trainer module uses batchgenerators' class by that name.
+    nnU-Net constructs its augmenters (training first, then validation) inline: ``NonDetMultiThreadedAugmenter``
+    with ``seeds=None``, so every worker seeds itself from the OS, or without workers (``nnUNet_n_proc_DA=0``)
+    ``SingleThreadedAugmenter``, which draws from the trainer process's global random state; seeded trainers
+    (``_s<S>``) need reproducible streams that nothing else in the process draws from. Inside the block only, the
+    module's ``NonDetMultiThreadedAugmenter`` is replaced by a subclass that asks ``seeds_for(stream,
+    num_processes)`` (stream 0, 1, ... in construction order, over both kinds) when it is given no seeds, and its
+    ``SingleThreadedAugmenter`` by one wrapped in :class:`~nnunet_ext.data.random_streams.OwnRandomStream` with
+    ``seeds_for(stream, 1)[0]``. Precondition, checked: nnU-Net's trainer module uses batchgenerators' classes by
+    those names.
     """
+    from nnunet_ext.data.random_streams import OwnRandomStream
+
     original = getattr(nnunet_trainer_module, "NonDetMultiThreadedAugmenter", None)
-    if original is not NonDetMultiThreadedAugmenter:
+    single = getattr(nnunet_trainer_module, "SingleThreadedAugmenter", None)
+    if original is not NonDetMultiThreadedAugmenter or single is not SingleThreadedAugmenter:
         raise CompatibilityError("seeded_augmenters", "nnUNetTrainer.get_dataloaders to build batchgenerators' "
-                                                      "NonDetMultiThreadedAugmenter")
+                                                      "NonDetMultiThreadedAugmenter and SingleThreadedAugmenter")
     streams = itertools.count()
 
     class SeededAugmenter(original):
@@ -202,11 +210,16 @@ def seeded_augmenters(seeds_for: Callable[[int, int], list[int] | None]) -> Iter
             super().__init__(data_loader, transform, num_processes, *args,
                              seeds=seeds if seeds is not None else seeds_for(stream, num_processes), **kwargs)
 
+    def own_random_stream(data_loader, transform):
+        return OwnRandomStream(single(data_loader, transform), seeds_for(next(streams), 1)[0])
+
     nnunet_trainer_module.NonDetMultiThreadedAugmenter = SeededAugmenter
+    nnunet_trainer_module.SingleThreadedAugmenter = own_random_stream
     try:
         yield
     finally:
         nnunet_trainer_module.NonDetMultiThreadedAugmenter = original
+        nnunet_trainer_module.SingleThreadedAugmenter = single
 
 
 class _TorchWith:

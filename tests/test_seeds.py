@@ -4,14 +4,18 @@ same loss curve twice for the same seed (and another one for another seed) throu
 from __future__ import annotations
 
 import os
+import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from conftest import run
 
 from nnunet_ext.compat import CompatibilityError, seeded_augmenters
+from nnunet_ext.data.random_streams import OwnRandomStream, random_states
 from nnunet_ext.data.budgets import DEFAULT_SEED, split_budget
 from nnunet_ext.trainers.names import TrainerNameError, TrainerSpec, parse_trainer_name, trainer_class, trainer_name
 
@@ -65,12 +69,47 @@ def test_seeded_augmenters_give_each_stream_its_worker_seeds():
         val = module.NonDetMultiThreadedAugmenter(data_loader=[], transform=None, num_processes=1, seeds=None)
     assert module.NonDetMultiThreadedAugmenter is NonDetMultiThreadedAugmenter  # restored
     assert (train.seeds, val.seeds, asked) == ([0, 1], [100], [(0, 2), (1, 1)])
+
+    asked.clear()  # without workers (nnUNet_n_proc_DA=0): each stream its own random state, seeded like a worker
+    with seeded_augmenters(seeds_for):
+        train, val = module.SingleThreadedAugmenter([], None), module.SingleThreadedAugmenter(data_loader=[],
+                                                                                             transform=None)
+    assert module.SingleThreadedAugmenter is SingleThreadedAugmenter  # restored
+    assert isinstance(train, OwnRandomStream) and isinstance(train.stream, SingleThreadedAugmenter)
+    assert asked == [(0, 1), (1, 1)]
+    assert torch.equal(val.states[2], OwnRandomStream(None, 100).states[2])  # seeds_for(1, 1)[0]
     module.NonDetMultiThreadedAugmenter = object
     try:
         with pytest.raises(CompatibilityError, match="seeded_augmenters"), seeded_augmenters(seeds_for):
             pass
     finally:
         module.NonDetMultiThreadedAugmenter = NonDetMultiThreadedAugmenter
+
+
+class Draws:
+    """A stream whose every batch is one draw from Python's, NumPy's and torch's global random state."""
+
+    answer = 42
+
+    def __next__(self):
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def same_states(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1], b[1])) and torch.equal(a[2], b[2])
+
+
+def test_an_own_random_stream_draws_from_its_seed_alone_and_leaves_the_global_state_as_it_was():
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    before = random_states()
+    stream = OwnRandomStream(Draws(), 7)
+    first = [next(stream) for _ in range(3)]
+    assert same_states(random_states(), before) and stream.answer == 42  # other attributes: the wrapped stream's
+    again = OwnRandomStream(Draws(), 7)
+    random.random(), np.random.rand(3), torch.rand(5)  # what a branch or a second stream would draw in between
+    assert [next(again) for _ in range(3)] == first
+    assert next(OwnRandomStream(Draws(), 8)) != first[0]  # negative control: another seed, other draws
+    assert next(Draws()) not in first  # the global state itself went on from where it was
 
 
 def seeded(name: str, rank: int):
@@ -118,3 +157,28 @@ def test_same_seed_same_loss_curve_other_seed_another(request, fixture, trainer)
     other = losses_of(ds, ds["results"], f"{trainer}_s2", plans, env)
     assert len(first) == 4 and first == again
     assert other != first
+
+
+def final_weights(ds: dict, trainer: str, env: dict) -> dict[str, torch.Tensor]:
+    """Train fold 0 through the CLI, return the final network weights, and remove the run again."""
+    run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", ds["plans"], "-tr", trainer, "-device", "cpu"], env)
+    folder = os.path.join(ds["results"], f"{trainer}__{ds['plans']}__3d_fullres")
+    checkpoint = torch.load(os.path.join(folder, "fold_0", "checkpoint_final.pth"), map_location="cpu",
+                            weights_only=False)
+    shutil.rmtree(folder)
+    return checkpoint["network_weights"]
+
+
+@pytest.mark.slow
+def test_a_branch_that_adds_no_gradient_trains_exactly_like_encdec_on_the_same_seed(branch_dataset):
+    """Without augmentation workers every stream crops and augments in the trainer's process, each from its own
+    seeded random state, so neither the branch's initialisation nor the unlabeled stream changes EncDec's labeled
+    batches: CPC with weight 0 (CPCSegZero, and ssCPCSegZero with its unlabeled stream) ends with EncDec's weights bit
+    for bit, and a paired comparison differs by the method only. CPC with its weight does not (positive control)."""
+    env = dict(branch_dataset["env"], nnUNet_n_proc_DA="0")
+    weights = {base: final_weights(branch_dataset, f"{base}_3labels_2epochs_3iters_noMirroring_s1", env)
+               for base in ("EncDecTrainer", "CPCSegZeroTrainer", "ssCPCSegZeroTrainer", "CPCSegTrainer")}
+    encdec = weights.pop("EncDecTrainer")
+    for base, found in weights.items():
+        same = found.keys() == encdec.keys() and all(torch.equal(found[k], encdec[k]) for k in encdec)
+        assert same == (base != "CPCSegTrainer"), base

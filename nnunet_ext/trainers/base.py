@@ -171,7 +171,8 @@ class ExtTrainer(nnUNetTrainer):
         return None if seed is None else [self.data_seed(seed * 1000 + stream * 100 + i) for i in range(processes)]
 
     def get_dataloaders(self):
-        """nnU-Net's loaders; for ``_s<S>`` trainers their augmentation workers are seeded (stream 0 and 1)."""
+        """nnU-Net's loaders; for ``_s<S>`` trainers their augmentation workers are seeded (stream 0 and 1), and
+        without workers each stream draws from its own seeded random state (``compat.seeded_augmenters``)."""
         seeded = self.trainer_spec.seed is not None
         with seeded_augmenters(self.augmenter_seeds) if seeded else contextlib.nullcontext():
             return super().get_dataloaders()

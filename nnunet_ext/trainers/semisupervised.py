@@ -33,6 +33,7 @@ from nnunet_ext.data.pool import (
     unlabeled_folder,
     unpreprocessed_unlabeled,
 )
+from nnunet_ext.data.random_streams import OwnRandomStream
 from nnunet_ext.data.unlabeled import UnlabeledDataLoader, UnlabeledDataset, folder_dataset_class
 
 
@@ -127,18 +128,22 @@ class SemiSupervisedMixin(UnlabeledPoolMixin):
 
     def get_dataloaders(self):
         """nnU-Net's own loaders, unchanged, plus ``self.dataloader_unlabeled`` with the same transforms, initial
-        patch size and kind and number of augmentation workers."""
+        patch size and kind and number of augmentation workers, seeded as stream 2 (without workers: its own random
+        state, :class:`~nnunet_ext.data.random_streams.OwnRandomStream`)."""
         with captured_augmentation(self) as augmentation:
             dataloader_train, dataloader_val = super().get_dataloaders()
         loader = UnlabeledDataLoader(self.unlabeled_dataset, self.unlabeled_per_step(), augmentation.initial_patch_size,
                                      self.configuration_manager.patch_size, self.label_manager,
                                      transforms=augmentation.transforms)
         processes = get_allowed_n_proc_DA()
-        if processes == 0:
+        seeds = self.augmenter_seeds(2, max(1, processes))
+        if processes == 0:  # in this process; seeded: from its own random state, so the labeled batches stay EncDec's
             self.dataloader_unlabeled = SingleThreadedAugmenter(loader, None)
+            if seeds is not None:
+                self.dataloader_unlabeled = OwnRandomStream(self.dataloader_unlabeled, seeds[0])
         else:
             self.dataloader_unlabeled = NonDetMultiThreadedAugmenter(
-                loader, None, processes, num_cached=max(6, processes // 2), seeds=self.augmenter_seeds(2, processes),
+                loader, None, processes, num_cached=max(6, processes // 2), seeds=seeds,
                 pin_memory=self.device.type == "cuda", wait_time=0.002)
         return dataloader_train, dataloader_val
 
