@@ -28,8 +28,14 @@ import json
 import os
 
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
-from nnunet_ext.evaluation.report import (CaseResult, index_cases, paired_rows, paired_tables, paired_values,
-                                          summary_case_results)
+from nnunet_ext.evaluation.report import (
+    CaseResult,
+    index_cases,
+    paired_rows,
+    paired_tables,
+    paired_values,
+    summary_case_results,
+)
 from nnunet_ext.evaluation.statistics import worst_repeat_ratio
 from nnunet_ext.files import write_json_atomic
 from nnunet_ext.trainers.names import parse_trainer_name

@@ -12,8 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nnunet_ext.trainers.cpc import (CPCSegCapTrainer, CPCSegTrainer, CPCSegZeroTrainer, ssCPCSegCapTrainer,
-                                    ssCPCSegTrainer, ssCPCSegZeroTrainer)
+from nnunet_ext.trainers.cpc import (
+    CPCSegCapTrainer,
+    CPCSegTrainer,
+    CPCSegZeroTrainer,
+    ssCPCSegCapTrainer,
+    ssCPCSegTrainer,
+    ssCPCSegZeroTrainer,
+)
 from nnunet_ext.trainers.monitor import MONITOR_FILE, MONITOR_PLOT, BranchMonitor, accumulated_grad_norm, grad_norm
 from nnunet_ext.trainers.multitask import MultiTaskLoss, MultiTaskOutput, MultiTaskTrainer
 from nnunet_ext.trainers.names import is_semi_supervised, parse_trainer_name, trainer_class

@@ -15,8 +15,8 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 from conftest import run
 
 from nnunet_ext.compat import CompatibilityError, seeded_augmenters
-from nnunet_ext.data.random_streams import OwnRandomStream, random_states
 from nnunet_ext.data.budgets import DEFAULT_SEED, split_budget
+from nnunet_ext.data.random_streams import OwnRandomStream, random_states
 from nnunet_ext.trainers.names import TrainerNameError, TrainerSpec, parse_trainer_name, trainer_class, trainer_name
 
 
