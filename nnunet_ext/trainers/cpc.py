@@ -80,10 +80,10 @@ class ssCPCSegCapTrainer(SemiSupervisedMixin, CPCSegCapTrainer):
 
 class CPCSegZeroTrainer(CPCSegTrainer):
     """Negative control of CPCSeg: the same network, branch, passes, monitor and GroupNorm plans, with weight 0, so the
-    branch adds no gradient anywhere (not to the encoder, not to its own parameters). Paired with EncDec on the same
-    seed it measures what running the branch changes besides its pull (its random draws, its initialisation taking
-    random numbers after the network's); a difference CPCSeg shows beyond this control's is the pull's doing
-    (docs/study.md, "CPC stability")."""
+    branch adds no gradient anywhere (not to the encoder, not to its own parameters). A seeded run trains bit for bit
+    like EncDec on the same seed (each data stream draws from its own random state), which checks that a paired
+    difference is the method's; before the streams had their own states it measured what running the branch changed
+    besides its pull (docs/study.md, "CPC stability", "Three controls")."""
 
     trainer_spec = TrainerSpec(base="CPCSegZeroTrainer")
     branch_kwargs = {"weight": 0.0}
