@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -75,8 +76,9 @@ def test_train_two_folds_predict_and_ensemble(tiny_dataset, tmp_path):
 def test_a_fold_being_trained_is_not_trained_twice(tiny_dataset):
     """A plain nnUNetv2_train of a fold that a live run is training is refused, naming that run, before it writes
     anything there (the trainer locks its fold, not only our study and demo)."""
-    ds, trainer = tiny_dataset, "EncDecTrainer_3labels_1epochs_2iters_noMirroring"
+    ds, trainer = tiny_dataset, "EncDecTrainer_3labels_1epochs_7iters_noMirroring"  # a name no other test trains
     fold = Path(ds["results"], f"{trainer}__nnUNetCPUPlans__3d_fullres", "fold_0")
+    shutil.rmtree(fold.parent, ignore_errors=True)  # what another test of this session may have left there
     write_lock(fold / locks.LOCK_FILE, os.getpid())  # this test's process stands for the run training the fold
     env = {k: v for k, v in ds["env"].items() if k != locks.HOLDER_ENV}
     proc = subprocess.run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", "nnUNetCPUPlans", "-tr", trainer,
