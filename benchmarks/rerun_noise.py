@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 
 from nnunet_ext.evaluation.metrics import EMPTY_POLICIES
@@ -87,7 +88,7 @@ def summary_rows(cases: list[CaseResult]) -> list[dict]:
                      "p_holm": row.p_holm}
             if row.metric == "dice":
                 ratio, worst = worst_repeat_ratio(*paired_values(index, row.pairing, policy, row.region, "dice"))
-                entry.update(worst_ratio=ratio, worst_repeat=row.pairing.repeats[worst] if ratio == ratio else None)
+                entry.update(worst_ratio=ratio, worst_repeat=None if math.isnan(ratio) else row.pairing.repeats[worst])
             rows.append(entry)
     return rows
 
