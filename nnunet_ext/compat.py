@@ -191,11 +191,11 @@ def seeded_augmenters(seeds_for: Callable[[int, int], list[int] | None]) -> Iter
     (``_s<S>``) need reproducible streams that nothing else in the process draws from. Inside the block only, the
     module's ``NonDetMultiThreadedAugmenter`` is replaced by a subclass that asks ``seeds_for(stream,
     num_processes)`` (stream 0, 1, ... in construction order, over both kinds) when it is given no seeds, and its
-    ``SingleThreadedAugmenter`` by one wrapped in :class:`~nnunet_ext.data.random_streams.OwnRandomStream` with
-    ``seeds_for(stream, 1)[0]``. Precondition, checked: nnU-Net's trainer module uses batchgenerators' classes by
-    those names.
+    ``SingleThreadedAugmenter`` by one that draws from its own random state seeded with ``seeds_for(stream, 1)[0]``
+    (:func:`~nnunet_ext.data.random_streams.in_process_stream`). Precondition, checked: nnU-Net's trainer module
+    uses batchgenerators' classes by those names.
     """
-    from nnunet_ext.data.random_streams import OwnRandomStream
+    from nnunet_ext.data.random_streams import in_process_stream
 
     original = getattr(nnunet_trainer_module, "NonDetMultiThreadedAugmenter", None)
     single = getattr(nnunet_trainer_module, "SingleThreadedAugmenter", None)
@@ -211,7 +211,7 @@ def seeded_augmenters(seeds_for: Callable[[int, int], list[int] | None]) -> Iter
                              seeds=seeds if seeds is not None else seeds_for(stream, num_processes), **kwargs)
 
     def own_random_stream(data_loader, transform):
-        return OwnRandomStream(single(data_loader, transform), seeds_for(next(streams), 1)[0])
+        return in_process_stream(data_loader, transform, seeds_for(next(streams), 1), single)
 
     nnunet_trainer_module.NonDetMultiThreadedAugmenter = SeededAugmenter
     nnunet_trainer_module.SingleThreadedAugmenter = own_random_stream

@@ -16,7 +16,7 @@ from conftest import run
 
 from nnunet_ext.compat import CompatibilityError, seeded_augmenters
 from nnunet_ext.data.budgets import DEFAULT_SEED, split_budget
-from nnunet_ext.data.random_streams import OwnRandomStream, random_states
+from nnunet_ext.data.random_streams import OwnRandomStream, in_process_stream, random_states
 from nnunet_ext.trainers.names import TrainerNameError, TrainerSpec, parse_trainer_name, trainer_class, trainer_name
 
 
@@ -110,6 +110,15 @@ def test_an_own_random_stream_draws_from_its_seed_alone_and_leaves_the_global_st
     assert [next(again) for _ in range(3)] == first
     assert next(OwnRandomStream(Draws(), 8)) != first[0]  # negative control: another seed, other draws
     assert next(Draws()) not in first  # the global state itself went on from where it was
+
+
+def test_an_in_process_stream_is_its_own_random_stream_only_when_seeded():
+    unseeded = in_process_stream([], None, None)
+    assert type(unseeded) is SingleThreadedAugmenter  # an unseeded trainer keeps nnU-Net's stream as it is
+    stream = in_process_stream([], None, [5, 6])
+    assert isinstance(stream, OwnRandomStream) and isinstance(stream.stream, SingleThreadedAugmenter)
+    assert torch.equal(stream.states[2], OwnRandomStream(None, 5).states[2])  # the first worker's seed
+    assert not torch.equal(stream.states[2], OwnRandomStream(None, 6).states[2])
 
 
 def seeded(name: str, rank: int):

@@ -12,9 +12,11 @@ Python, NumPy and torch (CPU) states, seeded like its workers would be.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
 
 def random_states() -> tuple:
@@ -57,3 +59,13 @@ class OwnRandomStream:
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["stream"], name)
+
+
+def in_process_stream(data_loader, transform, seeds: list[int] | None,
+                      single_threaded: Callable = SingleThreadedAugmenter):
+    """The stream of one data loader without augmentation workers: ``single_threaded(data_loader, transform)``
+    (batchgenerators' ``SingleThreadedAugmenter``), and for a seeded trainer (``seeds``: the seeds its workers would
+    get) drawing from its own random state, seeded with the first worker's seed. The one place of that rule for
+    nnU-Net's streams (``compat.seeded_augmenters``) and the unlabeled one (the semi-supervised trainers)."""
+    stream = single_threaded(data_loader, transform)
+    return stream if seeds is None else OwnRandomStream(stream, seeds[0])

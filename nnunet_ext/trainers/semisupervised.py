@@ -17,7 +17,6 @@ from typing import ClassVar
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -33,7 +32,7 @@ from nnunet_ext.data.pool import (
     unlabeled_folder,
     unpreprocessed_unlabeled,
 )
-from nnunet_ext.data.random_streams import OwnRandomStream
+from nnunet_ext.data.random_streams import in_process_stream
 from nnunet_ext.data.unlabeled import UnlabeledDataLoader, UnlabeledDataset, folder_dataset_class
 
 
@@ -129,7 +128,7 @@ class SemiSupervisedMixin(UnlabeledPoolMixin):
     def get_dataloaders(self):
         """nnU-Net's own loaders, unchanged, plus ``self.dataloader_unlabeled`` with the same transforms, initial
         patch size and kind and number of augmentation workers, seeded as stream 2 (without workers: its own random
-        state, :class:`~nnunet_ext.data.random_streams.OwnRandomStream`)."""
+        state, :func:`~nnunet_ext.data.random_streams.in_process_stream`)."""
         with captured_augmentation(self) as augmentation:
             dataloader_train, dataloader_val = super().get_dataloaders()
         loader = UnlabeledDataLoader(self.unlabeled_dataset, self.unlabeled_per_step(), augmentation.initial_patch_size,
@@ -138,9 +137,7 @@ class SemiSupervisedMixin(UnlabeledPoolMixin):
         processes = get_allowed_n_proc_DA()
         seeds = self.augmenter_seeds(2, max(1, processes))
         if processes == 0:  # in this process; seeded: from its own random state, so the labeled batches stay EncDec's
-            self.dataloader_unlabeled = SingleThreadedAugmenter(loader, None)
-            if seeds is not None:
-                self.dataloader_unlabeled = OwnRandomStream(self.dataloader_unlabeled, seeds[0])
+            self.dataloader_unlabeled = in_process_stream(loader, None, seeds)
         else:
             self.dataloader_unlabeled = NonDetMultiThreadedAugmenter(
                 loader, None, processes, num_cached=max(6, processes // 2), seeds=seeds,
