@@ -140,14 +140,21 @@ def test_rank_0_keeps_its_seeds_and_no_two_ranks_streams_or_workers_share_one():
     assert [p for t, p in zip(trainers, processes, strict=True) if t.local_rank == 0] == list(range(10))
 
 
-def losses_of(ds: dict, dataset_folder: str, trainer: str, plans: str, env: dict) -> list[float]:
-    """Train fold 0 through the CLI, return the per-epoch training losses, and remove the run again."""
+def final_checkpoint(ds: dict, trainer: str, env: dict, plans: str | None = None) -> dict:
+    """Train fold 0 through the CLI, return its checkpoint_final.pth, and remove the run again."""
+    plans = plans or ds["plans"]
     run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", plans, "-tr", trainer, "-device", "cpu"], env)
-    folder = os.path.join(dataset_folder, f"{trainer}__{plans}__3d_fullres")
+    folder = os.path.join(ds["results"], f"{trainer}__{plans}__3d_fullres")
     checkpoint = torch.load(os.path.join(folder, "fold_0", "checkpoint_final.pth"), map_location="cpu",
                             weights_only=False)
     shutil.rmtree(folder)
-    return checkpoint["logging"]["train_losses"] + checkpoint["logging"]["val_losses"]
+    return checkpoint
+
+
+def losses_of(ds: dict, trainer: str, plans: str, env: dict) -> list[float]:
+    """The per-epoch training and validation losses of a fresh fold-0 run (:func:`final_checkpoint`)."""
+    logging = final_checkpoint(ds, trainer, env, plans)["logging"]
+    return logging["train_losses"] + logging["val_losses"]
 
 
 @pytest.mark.slow
@@ -162,20 +169,10 @@ def test_same_seed_same_loss_curve_other_seed_another(request, fixture, trainer)
     ds = request.getfixturevalue(fixture)
     plans = ds.get("plans", "nnUNetCPUPlans")
     env = dict(ds["env"], nnUNet_n_proc_DA="1")
-    first, again = (losses_of(ds, ds["results"], f"{trainer}_s1", plans, env) for _ in range(2))
-    other = losses_of(ds, ds["results"], f"{trainer}_s2", plans, env)
+    first, again = (losses_of(ds, f"{trainer}_s1", plans, env) for _ in range(2))
+    other = losses_of(ds, f"{trainer}_s2", plans, env)
     assert len(first) == 4 and first == again
     assert other != first
-
-
-def final_weights(ds: dict, trainer: str, env: dict) -> dict[str, torch.Tensor]:
-    """Train fold 0 through the CLI, return the final network weights, and remove the run again."""
-    run(["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", ds["plans"], "-tr", trainer, "-device", "cpu"], env)
-    folder = os.path.join(ds["results"], f"{trainer}__{ds['plans']}__3d_fullres")
-    checkpoint = torch.load(os.path.join(folder, "fold_0", "checkpoint_final.pth"), map_location="cpu",
-                            weights_only=False)
-    shutil.rmtree(folder)
-    return checkpoint["network_weights"]
 
 
 @pytest.mark.slow
@@ -185,7 +182,8 @@ def test_a_branch_that_adds_no_gradient_trains_exactly_like_encdec_on_the_same_s
     batches: CPC with weight 0 (CPCSegZero, and ssCPCSegZero with its unlabeled stream) ends with EncDec's weights bit
     for bit, and a paired comparison differs by the method only. CPC with its weight does not (positive control)."""
     env = dict(branch_dataset["env"], nnUNet_n_proc_DA="0")
-    weights = {base: final_weights(branch_dataset, f"{base}_3labels_2epochs_3iters_noMirroring_s1", env)
+    weights = {base: final_checkpoint(branch_dataset, f"{base}_3labels_2epochs_3iters_noMirroring_s1", env)
+               ["network_weights"]
                for base in ("EncDecTrainer", "CPCSegZeroTrainer", "ssCPCSegZeroTrainer", "CPCSegTrainer")}
     encdec = weights.pop("EncDecTrainer")
     for base, found in weights.items():
