@@ -35,7 +35,9 @@ class CPCSegTrainer(MultiTaskTrainer):
     # The weight is constant from the first step, as in the paper. A ramp and a cap on CPC's pull on the encoder
     # (CPCSegCapTrainer) were tried against the enhancing-tumour failure of the CPU evidence and did not prevent it:
     # at seed 2 both lost ET (validation Dice 0.00 and 0.003) where the constant weight kept it (0.62, and 0.66 when
-    # rerun), though CPC's pull stayed at most 1.3x the segmentation's (docs/study.md, "CPC stability").
+    # rerun), though CPC's pull stayed at most 1.3x the segmentation's (docs/study.md, "CPC stability"; trained
+    # before the data streams were paired). On the 96 preset with paired streams ssCPCSegCap removed the one ET delay
+    # ssCPCSeg showed (Dataset987, ET dDice -0.005 vs -0.021) but not the miss of #19's bar; not yet run on 986.
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
