@@ -42,8 +42,8 @@ def _cases(model: str, labels: int, unlabeled: int | None, dice: tuple[float, fl
     """Per-case results of one repeat of a cell; ``dice``/``hd95`` are the ET, TC, WT test means."""
     trainer = f"{model}Trainer_{labels}labels" + (f"_{unlabeled}unlabeled" if unlabeled else "")
     by_region = dict(zip(PAPER_ORDER, zip(dice, hd95)))
-    return [CaseResult(trainer, model, labels, unlabeled, (0, 1), repeat, case, g, policy,
-                       by_region[g][0] + offset, by_region[g][1] + 10 * offset, used)
+    return [CaseResult(trainer, model, labels, unlabeled, (0, 1), repeat, g, policy,
+                       by_region[g][0] + offset, by_region[g][1] + 10 * offset, used, case=case)
             for case, offset in _offsets(n_cases).items() for g in REGIONS]
 
 
@@ -66,7 +66,7 @@ def _rows_of(table: str) -> list[str]:
 
 def test_region_order_is_paper_order_for_brats_else_first_appearance(cases):
     assert region_order(cases) == list(PAPER_ORDER)
-    other = [CaseResult("T", "M", 3, None, (0,), 0, "c", g, "brats", 1.0, 0.0) for g in ("liver", "tumor")]
+    other = [CaseResult("T", "M", 3, None, (0,), 0, g, "brats", 1.0, 0.0, case="c") for g in ("liver", "tumor")]
     assert region_order(other) == ["liver", "tumor"]
 
 
@@ -88,7 +88,7 @@ def test_csv_has_one_row_per_cell_repeat_policy_region_with_the_case_mean(cases,
 
 
 def test_case_means_leave_nan_out():
-    cases = [CaseResult("T", "M", 3, None, (0,), 0, c, "a", "nan", d, h)
+    cases = [CaseResult("T", "M", 3, None, (0,), 0, "a", "nan", d, h, case=c)
              for c, d, h in (("c0", 0.2, math.nan), ("c1", math.nan, math.nan), ("c2", 0.6, 4.0))]
     (row,) = result_rows(cases)
     assert row.dice == pytest.approx(0.4) and row.hd95 == 4.0
@@ -115,8 +115,8 @@ def test_table1_shows_mean_and_sample_std_over_two_repeats():
 
 
 def test_table1_marks_nan_and_missing_regions():
-    cases = [CaseResult("T_3labels", "T", 3, 5, (0,), 0, "c", "a", "brats", math.nan, 1.5),
-             CaseResult("U_3labels", "U", 3, None, (0,), 0, "c", "b", "brats", 0.25, math.nan)]
+    cases = [CaseResult("T_3labels", "T", 3, 5, (0,), 0, "a", "brats", math.nan, 1.5, case="c"),
+             CaseResult("U_3labels", "U", 3, None, (0,), 0, "b", "brats", 0.25, math.nan, case="c")]
     lines = markdown_table(cases).splitlines()
     assert lines[0] == ("| model | labels | unlabeled | Dice a | Dice b | HD95 a (mm) | HD95 b (mm) | repeats | "
                         "plans (norm) |")
@@ -126,7 +126,7 @@ def test_table1_marks_nan_and_missing_regions():
 
 def test_table1_gives_the_unlabeled_count_of_all_available_over_folds_and_repeats():
     def case(trainer, labels, unlabeled, repeat, used):
-        return CaseResult(trainer, "ss", labels, unlabeled, (0, 1), repeat, "c", "a", "brats", 0.5, 1.0, used)
+        return CaseResult(trainer, "ss", labels, unlabeled, (0, 1), repeat, "a", "brats", 0.5, 1.0, used, case="c")
 
     cases = [case("ss_3labels", 3, None, 0, (26, 26)), case("ss_6labels", 6, None, 0, (24, 23)),
              case("ss_6labels", 6, None, 1, (22, 23)), case("ss_6labels_8unlabeled", 6, 8, 0, (8, 8))]
@@ -159,7 +159,7 @@ def test_report_has_both_conventions_in_order():
 
 def test_unknown_policy_and_duplicate_cases_are_errors(cases):
     with pytest.raises(ValueError, match="empty_policy"):
-        result_rows([CaseResult("T", "M", 3, None, (0,), 0, "c", "a", "dice", 1.0, 0.0)])
+        result_rows([CaseResult("T", "M", 3, None, (0,), 0, "a", "dice", 1.0, 0.0, case="c")])
     with pytest.raises(ValueError, match="two results for case 'c0', region 'whole tumor'.* repeat 0 of EncDec"):
         result_rows(cases + cases[:1])
 

@@ -35,7 +35,7 @@ import csv
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -84,8 +84,9 @@ METRIC_NAMES = {"dice": "Dice", "hd95": "HD95", "lesion_dice": "lesion-wise Dice
 
 
 @dataclass(frozen=True)
-class CaseResult:
-    """Dice and HD95 (mm) of one test case and region, for one repeat of a cell, under one empty-mask policy.
+class ResultRow:
+    """Dice, HD95 (mm) and the optional metrics of one region for one repeat of a cell under one empty-mask policy:
+    the test-set means (NaN left out), one line of ``results.csv``; a :class:`CaseResult` holds one test case's.
 
     ``unlabeled`` None: no ``_unlabeled`` suffix. ``unlabeled_used``: how many unlabeled images each fold
     of a semi-supervised repeat trained with (from its ``unlabeled_cases.json``), in fold order; empty for
@@ -99,7 +100,6 @@ class CaseResult:
     unlabeled: int | None
     folds: tuple[int, ...]
     repeat: int
-    case: str
     region: str
     policy: str
     dice: float
@@ -111,6 +111,14 @@ class CaseResult:
     lesion_hd95: float = math.nan
     nsd: float = math.nan
     hd95_surfels: float = math.nan
+
+
+@dataclass(frozen=True)
+class CaseResult(ResultRow):
+    """The values of one test case (``case``, given by keyword) in one region, for one repeat of a cell, under one
+    empty-mask policy; the fields as in :class:`ResultRow`."""
+
+    case: str = field(kw_only=True)
 
 
 def summary_case_results(summary: dict, trainer: str, model: str, labels: int, unlabeled: int | None,
@@ -122,33 +130,10 @@ def summary_case_results(summary: dict, trainer: str, model: str, labels: int, u
         return math.nan if v is None else float(v)
 
     policy = summary["conventions"]["empty_policy"]
-    return [CaseResult(trainer, model, labels, unlabeled, tuple(folds), repeat, c["case"], region, policy,
-                       value(m["Dice"]), value(m["HD95"]), tuple(unlabeled_used), plans, norm,
-                       **{field: value(m.get(key)) for field, (key, _) in OPTIONAL_METRICS.items()})
+    return [CaseResult(trainer, model, labels, unlabeled, tuple(folds), repeat, region, policy,
+                       value(m["Dice"]), value(m["HD95"]), tuple(unlabeled_used), plans, norm, case=c["case"],
+                       **{name: value(m.get(key)) for name, (key, _) in OPTIONAL_METRICS.items()})
             for c in summary["metric_per_case"] for region, m in c["metrics"].items()]
-
-
-@dataclass(frozen=True)
-class ResultRow:
-    """Test-set means (NaN left out) of one region for one repeat of a cell under one policy: a CSV line."""
-
-    trainer: str
-    model: str
-    labels: int
-    unlabeled: int | None
-    folds: tuple[int, ...]
-    repeat: int
-    region: str
-    policy: str
-    dice: float
-    hd95: float
-    unlabeled_used: tuple[int, ...] = ()
-    plans: str = ""
-    norm: str = ""
-    lesion_dice: float = math.nan
-    lesion_hd95: float = math.nan
-    nsd: float = math.nan
-    hd95_surfels: float = math.nan
 
 
 class CellKey(NamedTuple):
