@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -210,9 +211,17 @@ def _run_jobs(jobs: list[tuple], num_processes: int, what: str) -> None:
     if not jobs:
         return
     if num_processes > 1:
+        # not multiprocessing.Pool: when a job raises, its __exit__ terminates the pool, and that hung once in CI
+        # (test_msd, a damaged file: Pool._terminate_pool waiting forever on a handler thread); the executor
+        # cancels the jobs not started, waits for the running ones, then re-raises
         context = multiprocessing.get_context("spawn")
-        with context.Pool(min(num_processes, len(jobs))) as pool:
-            _report_progress(pool.imap_unordered(_convert_job, jobs), len(jobs), what)
+        with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=context) as pool:
+            futures = [pool.submit(_convert_job, job) for job in jobs]
+            try:
+                _report_progress((future.result() for future in as_completed(futures)), len(jobs), what)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     else:
         _report_progress(map(_convert_job, jobs), len(jobs), what)
 
