@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "self-train": ("nnunet_ext.selftrain",
                    "pseudo-label self-training per fold: teacher, pseudo labels of the unlabeled pool, student"),
     "study": ("nnunet_ext.study", "label-efficiency study: train a grid, predict, evaluate, tables and plots"),
+    "report": ("nnunet_ext.commands.report", "a study's report again from its cases.csv, or from several merged"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import replace
 
 import matplotlib.image
@@ -18,8 +19,10 @@ from nnunet_ext.evaluation.report import (
     markdown_table,
     paired_figure,
     paired_tables,
+    read_cases_csv,
     region_order,
     result_rows,
+    write_csv,
     write_report,
 )
 from nnunet_ext.evaluation.statistics import MIN_CASES
@@ -333,12 +336,12 @@ def test_report_is_reproducible_and_has_table1_and_marked_paired_table(tmp_path)
     assert "| ssCPCSeg | – | ET | 2 | +0.1000 [+0.1000, +0.1000] * |" in text
     assert (tmp_path / "a" / "paired_differences.csv").read_text() == \
         (tmp_path / "b" / "paired_differences.csv").read_text()
-    assert set(first) == set(second) == {"csv", "table", "paired_csv", "fig2", "paired"}
+    assert set(first) == set(second) == {"csv", "cases_csv", "table", "paired_csv", "fig2", "paired"}
 
 
 def test_plots_are_valid_pngs_and_fig4_needs_several_unlabeled_counts(cases, tmp_path):
     paths = write_report(cases, str(tmp_path))
-    assert set(paths) == {"csv", "table", "paired_csv", "fig2", "paired"}
+    assert set(paths) == {"csv", "cases_csv", "table", "paired_csv", "fig2", "paired"}
     for kind in ("fig2", "paired"):
         assert _is_png(paths[kind]) and matplotlib.image.imread(paths[kind]).ndim == 3
     assert not (tmp_path / "fig4_dice_vs_unlabeled.png").exists()
@@ -360,7 +363,7 @@ def test_fig4_and_paired_plot_written_when_possible_and_removed_when_stale(cases
     paths = write_report(cases + ss, str(tmp_path))
     assert _is_png(paths["fig4"]) and _is_png(paths["fig2"]) and _is_png(paths["paired"])
     paths = write_report([c for c in cases if c.model == "EncDec"], str(tmp_path))
-    assert set(paths) == {"csv", "table", "paired_csv", "fig2"}
+    assert set(paths) == {"csv", "cases_csv", "table", "paired_csv", "fig2"}
     assert not (tmp_path / "fig4_dice_vs_unlabeled.png").exists() and not (tmp_path / "fig_paired_dice.png").exists()
 
 
@@ -396,3 +399,73 @@ def test_optional_metrics_join_the_csv_table1_and_paired_tables_only_when_presen
     assert "lesion-wise" not in markdown_table(nsd_only) and "NSD ET" in markdown_table(nsd_only)
     surfels = [replace(c, hd95_surfels=c.hd95 - 1) for c in cases]
     assert "| HD95 surfels ET (mm) | HD95 surfels TC (mm) | HD95 surfels WT (mm) | repeats |" in markdown_table(surfels)
+
+
+def test_cases_csv_reads_back_every_case_result_exactly_and_remakes_the_same_report(cases, tmp_path):
+    odd = [replace(c, dice=c.dice / 3, hd95=math.nan if i % 7 == 0 else c.hd95, unlabeled=12, unlabeled_used=(12, 11),
+                   plans="nnUNetCPU96GNPlans", norm="GroupNorm", nsd=c.dice / 7) for i, c in enumerate(cases)]
+    paths = write_report(odd, str(tmp_path / "a"))
+    back = read_cases_csv(paths["cases_csv"])
+    assert len(back) == len(odd)
+    for got, want in zip(back, odd):  # floats by repr: bit for bit, NaN stays NaN, tuples and None restored
+        assert got.__dict__.keys() == want.__dict__.keys()
+        for key, value in want.__dict__.items():
+            same = (math.isnan(value) and math.isnan(getattr(got, key))) if isinstance(value, float) and \
+                math.isnan(value) else getattr(got, key) == value
+            assert same, (key, getattr(got, key), value)
+    again = write_report(back, str(tmp_path / "b"))
+    for kind in ("csv", "cases_csv", "table", "paired_csv"):
+        assert open(paths[kind]).read() == open(again[kind]).read(), kind
+    assert read_cases_csv(paths["cases_csv"])[0].unlabeled == 12 and back[0].lesion_dice != back[0].lesion_dice
+
+
+def test_read_cases_csv_refuses_a_results_csv_and_a_malformed_line_by_name(cases, tmp_path):
+    paths = write_report(cases, str(tmp_path))
+    with pytest.raises(ValueError, match="results.csv: not a cases.csv of nnunet-ext study: no column case "
+                                         r"\(a results.csv holds means"):
+        read_cases_csv(paths["csv"])
+    lines = open(paths["cases_csv"]).read().splitlines()
+    lines[3] = lines[3].replace("brats,", "brats,not-a-number", 1)
+    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="bad.csv, line 4: could not convert"):
+        read_cases_csv(str(tmp_path / "bad.csv"))
+
+
+def test_report_command_merges_the_repeats_of_two_runs_into_the_report_of_all_of_them(tmp_path, capsys):
+    from nnunet_ext.cli import main
+
+    everything = _shifted("ssCPCSeg", 6, repeats=2, n_cases=10)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_csv([c for c in everything if c.repeat == 0], str(tmp_path / "a" / "cases.csv"))
+    second = write_csv([c for c in everything if c.repeat == 1], str(tmp_path / "b" / "cases.csv"))
+    whole = write_report(everything, str(tmp_path / "whole"))
+    assert main(["report", "--cases", first, second, "--output", str(tmp_path / "merged")]) == 0
+    assert "[report] 120 case results, 4 cell repeats from 2 file(s)" in capsys.readouterr().out
+    for kind in ("csv", "cases_csv", "table", "paired_csv"):
+        name = os.path.basename(whole[kind])
+        assert (tmp_path / "merged" / name).read_text() == open(whole[kind]).read(), kind
+    before = (tmp_path / "whole" / "results.md").read_text()
+    assert main(["report", "--cases", first, "--output", str(tmp_path / "whole")]) == 2  # never overwritten
+    assert "already holds a report (results.csv, cases.csv, results.md" in capsys.readouterr().err
+    assert (tmp_path / "whole" / "results.md").read_text() == before
+
+
+def test_report_command_refuses_a_repeat_held_twice_and_a_cell_trained_with_other_plans(tmp_path):
+    from nnunet_ext.commands.report import merged_cases
+
+    cases = _shifted("ssCPCSeg", 6, repeats=2, n_cases=3)
+    for name, chosen in (("a", cases), ("b", [c for c in cases if c.repeat == 1]),
+                         ("c", [replace(c, repeat=5, plans="nnUNetGNPlans", norm="GroupNorm") for c in cases])):
+        (tmp_path / name).mkdir()
+        write_csv(chosen, str(tmp_path / name / "cases.csv"))
+    a, b, c = (str(tmp_path / name / "cases.csv") for name in "abc")
+    with pytest.raises(ValueError, match=r"b/cases.csv and .*a/cases.csv both hold case 'c0', region 'whole tumor', "
+                                         r"policy 'brats' of repeat 1 of EncDec .*the same repeat trained twice"):
+        merged_cases([a, b])
+    with pytest.raises(ValueError, match=r"EncDec with 6 labels was trained with  \(\) in .*a/cases.csv but with "
+                                         r"nnUNetGNPlans \(GroupNorm\) in .*c/cases.csv: not one cell"):
+        merged_cases([a, c])
+    assert len(merged_cases([a])) == len(cases)  # the positive control: one run merges with nothing
+    with pytest.raises(FileNotFoundError, match="--cases: no file"):
+        merged_cases([str(tmp_path / "missing.csv")])

@@ -14,6 +14,9 @@ apart by ``repeat`` and may have different trainer names. From it:
   differences of every other model to the baseline model at the same budget (see ``statistics``).
 - ``paired_differences.csv``: those paired differences, one line per policy × budget × model × region × metric,
   with the unadjusted interval, the raw and the Holm-adjusted p and the star.
+- ``cases.csv``: the input itself, one :class:`CaseResult` per line (``results.csv``'s columns plus ``case``), so
+  that the report can be made again, or from the cases of several runs together (:func:`read_cases_csv`,
+  ``nnunet-ext report``), without the predictions or the checkpoints.
 - Fig. 2 (Dice vs labels), Fig. 4 (Dice vs unlabeled count), each a mean line with a ± std band over the
   repeats, and the per-case paired plot (ΔDice per test case with the interval and star of its table); all for
   the first policy present in ``EMPTY_POLICIES`` order (BraTS before nnU-Net's).
@@ -70,7 +73,7 @@ CSV_COLUMNS = ("trainer", "model", "labels", "unlabeled", "folds", "repeat", "re
                "unlabeled_used", "plans", "norm")
 PAIRED_CSV_COLUMNS = ("policy", "labels", "model", "unlabeled", "region", "metric", "repeats", "pairs", "cases",
                       "mean", "low", "high", "n_too_small", "p", "p_holm", "star")
-FILES = {"csv": "results.csv", "table": "results.md", "paired_csv": "paired_differences.csv",
+FILES = {"csv": "results.csv", "cases_csv": "cases.csv", "table": "results.md", "paired_csv": "paired_differences.csv",
          "fig2": "fig2_dice_vs_labels.png", "fig4": "fig4_dice_vs_unlabeled.png", "paired": "fig_paired_dice.png"}
 BASELINE = "EncDec"
 # metric of the paired tables -> decimals shown
@@ -234,17 +237,45 @@ def result_rows(cases: Sequence[CaseResult]) -> list[ResultRow]:
 
 
 def write_csv(rows: Sequence[ResultRow], path: str) -> str:
-    """Write one CSV line per row with :data:`CSV_COLUMNS`, then a column per optional metric present (folds and
-    per-fold counts space-separated, None and unknown plans as empty)."""
+    """Write one CSV line per row with :data:`CSV_COLUMNS` (then ``case`` for :class:`CaseResult` rows), then a
+    column per optional metric present (folds and per-fold counts space-separated, None and unknown plans as
+    empty). Floats are written with ``repr``, so :func:`read_cases_csv` reads back the same values."""
     optional = metrics_present(rows)[2:]
+    cases = bool(rows) and all(isinstance(r, CaseResult) for r in rows)
     with atomic_text(path) as f:
         writer = csv.writer(f)
-        writer.writerow([*CSV_COLUMNS, *(OPTIONAL_METRICS[m][1] for m in optional)])
+        writer.writerow([*CSV_COLUMNS, *(["case"] if cases else []), *(OPTIONAL_METRICS[m][1] for m in optional)])
         for r in rows:
             writer.writerow([r.trainer, r.model, r.labels, "" if r.unlabeled is None else r.unlabeled,
                              " ".join(map(str, r.folds)), r.repeat, r.region, r.policy, r.dice, r.hd95,
-                             " ".join(map(str, r.unlabeled_used)), r.plans, r.norm, *(getattr(r, m) for m in optional)])
+                             " ".join(map(str, r.unlabeled_used)), r.plans, r.norm, *([r.case] if cases else []),
+                             *(getattr(r, m) for m in optional)])
     return path
+
+
+def read_cases_csv(path: str) -> list[CaseResult]:
+    """The :class:`CaseResult` rows of a ``cases.csv`` that :func:`write_report` wrote; a file without a ``case``
+    column (a ``results.csv`` of means) or with a malformed value is refused, naming the file and line."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in (*CSV_COLUMNS, "case") if c not in header]
+        if missing:
+            kind = " (a results.csv holds means over the test cases, not cases)" if missing == ["case"] else ""
+            raise ValueError(f"{path}: not a cases.csv of nnunet-ext study: no column {', '.join(missing)}{kind}")
+        columns = {column: name for name, (_, column) in OPTIONAL_METRICS.items()}
+        cases = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                cases.append(CaseResult(
+                    row["trainer"], row["model"], int(row["labels"]),
+                    int(row["unlabeled"]) if row["unlabeled"] else None, tuple(map(int, row["folds"].split())),
+                    int(row["repeat"]), row["region"], row["policy"], float(row["dice"]), float(row["hd95_mm"]),
+                    tuple(map(int, row["unlabeled_used"].split())), row["plans"], row["norm"], case=row["case"],
+                    **{name: float(row[column]) for column, name in columns.items() if column in header}))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path}, line {line}: {error}") from None
+    return cases
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -544,7 +575,9 @@ def _draw_interval(ax: Axes, x: float, row: PairedRow) -> None:
     if result.too_few_cases:
         ax.text(x, 0.97, "n too small", transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize="small")
     elif not math.isnan(result.low):
-        ax.errorbar([x + 0.42], [result.mean], yerr=[[result.mean - result.low], [result.high - result.mean]],
+        # max(0, ...): when every difference is the same, a bootstrap end can differ from the mean by a rounding error
+        below, above = max(0.0, result.mean - result.low), max(0.0, result.high - result.mean)
+        ax.errorbar([x + 0.42], [result.mean], yerr=[[below], [above]],
                     fmt="none", ecolor="black", elinewidth=1, capsize=3)
         if row.starred:
             ax.text(x + 0.42, result.high, "*", ha="center", va="bottom")
@@ -604,6 +637,7 @@ def write_report(cases: Sequence[CaseResult], folder: str, baseline: str = BASEL
     paths = {kind: os.path.join(folder, name) for kind, name in FILES.items()}
     rows = result_rows(cases)
     write_csv(rows, paths["csv"])
+    write_csv(cases, paths["cases_csv"])
     write_paired_csv([r for policy in policy_order(cases) for r in paired_rows(cases, policy, baseline)],
                      paths["paired_csv"])
     write_text_atomic(paths["table"], markdown_report(cases, baseline) + "\n")
