@@ -119,6 +119,29 @@ def test_interrupted_training_resumes_with_c(branch_dataset):
     assert os.path.isfile(os.path.join(folder, "branch_progress.png"))
 
 
+def test_c_refuses_a_checkpoint_trained_under_another_branch_rule_and_val_still_runs(branch_dataset):
+    """ssCPCSeg's default changed from the paper's constant weight to the ramp and pull cap: ``--c`` of an ssCPCSeg
+    checkpoint written before checkpoints recorded their rule (so: the constant weight) is refused by name before
+    anything is trained or written, while ``--val`` of the same folder, which trains nothing, still validates."""
+    ds = branch_dataset
+    trainer = "ssCPCSegTrainer_3labels_1epochs_2iters_noMirroring"
+    train(ds, trainer)
+    final = os.path.join(fold_dir(ds, trainer), "checkpoint_final.pth")
+    checkpoint = torch.load(final, map_location="cpu", weights_only=False)
+    assert checkpoint["branch_rule"] == {"weight": 0.05, "rampup_fraction": 0.2, "pull_cap": 1.0}
+    del checkpoint["branch_rule"]  # as an earlier version wrote it
+    torch.save(checkpoint, final)
+    mtime = os.path.getmtime(final)
+    cmd = ["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", ds["plans"], "-tr", trainer, "-device", "cpu"]
+    proc = subprocess.run([*cmd, "--c"], env=ds["env"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert (f"{final} was trained with branch weight 0.05, constant from the first step, but {trainer} now trains "
+            f"with weight 0.05, ramped up over the first 20% of the steps, pull on the encoder capped at 1x the "
+            f"segmentation loss's") in proc.stderr
+    assert "ssCPCSegConstTrainer" in proc.stderr and os.path.getmtime(final) == mtime
+    run([*cmd, "--val"], ds["env"])  # validation only: no rule is applied, so nothing to refuse
+
+
 @pytest.mark.parametrize("trainer, expected", [
     (f"ssVAESegTrainer_3labels_{SHORT}", None),
     (f"ssCPCSegTrainer_3labels_8unlabeled_{SHORT}", 8),

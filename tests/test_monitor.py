@@ -17,11 +17,12 @@ from nnunet_ext.trainers.cpc import (
     CPCSegTrainer,
     CPCSegZeroTrainer,
     ssCPCSegCapTrainer,
+    ssCPCSegConstTrainer,
     ssCPCSegTrainer,
     ssCPCSegZeroTrainer,
 )
 from nnunet_ext.trainers.monitor import MONITOR_FILE, MONITOR_PLOT, BranchMonitor, accumulated_grad_norm, grad_norm
-from nnunet_ext.trainers.multitask import MultiTaskLoss, MultiTaskOutput, MultiTaskTrainer
+from nnunet_ext.trainers.multitask import BranchRule, MultiTaskLoss, MultiTaskOutput, MultiTaskTrainer
 from nnunet_ext.trainers.names import is_semi_supervised, parse_trainer_name, trainer_class
 
 
@@ -130,19 +131,28 @@ def test_pull_cap_scales_the_branch_to_pull_at_most_cap_times_the_segmentation()
     assert MultiTaskTrainer.pull_cap_factor(trainer) == pytest.approx(0.2)
 
 
-def test_cpc_default_is_the_papers_constant_and_ramp_and_cap_stay_by_name():
-    assert CPCSegTrainer.branch_rampup_fraction == ssCPCSegTrainer.branch_rampup_fraction == 0.0
-    assert CPCSegTrainer.branch_pull_cap is ssCPCSegTrainer.branch_pull_cap is None
-    assert CPCSegCapTrainer.branch_rampup_fraction == ssCPCSegCapTrainer.branch_rampup_fraction == 0.2
-    assert CPCSegCapTrainer.branch_pull_cap == ssCPCSegCapTrainer.branch_pull_cap == 1.0
-    assert CPCSegCapTrainer.branch_kwargs == CPCSegTrainer.branch_kwargs  # only the rules differ
+def test_cpcseg_keeps_the_papers_constant_and_sscpcseg_ramps_and_caps_with_the_constant_by_name():
+    assert CPCSegTrainer.branch_rampup_fraction == ssCPCSegConstTrainer.branch_rampup_fraction == 0.0
+    assert CPCSegTrainer.branch_pull_cap is ssCPCSegConstTrainer.branch_pull_cap is None
+    for cls in (ssCPCSegTrainer, CPCSegCapTrainer, ssCPCSegCapTrainer):
+        assert (cls.branch_rampup_fraction, cls.branch_pull_cap) == (0.2, 1.0), cls
+    for cls in (CPCSegCapTrainer, ssCPCSegTrainer, ssCPCSegConstTrainer):
+        assert cls.branch_kwargs == CPCSegTrainer.branch_kwargs  # only the rules differ
+    assert is_semi_supervised("ssCPCSegConst") and is_semi_supervised("ssCPCSeg")
     cls = trainer_class("ssCPCSegCapTrainer_6labels_10epochs_s2")
     assert issubclass(cls, ssCPCSegCapTrainer) and cls.branch_pull_cap == 1.0
+    cls = trainer_class("ssCPCSegConstTrainer_6labels_100unlabeled_s1")
+    assert issubclass(cls, ssCPCSegConstTrainer) and cls.branch_pull_cap is None and cls.branch_rampup_fraction == 0
+    assert trainer_class("ssCPCSegTrainer_6labels").branch_pull_cap == 1.0
     assert parse_trainer_name("CPCSegCapTrainer_3labels").base == "CPCSegCapTrainer"
+    # a checkpoint of ssCPCSeg that records no rule was written when its default was the constant weight
+    assert ssCPCSegTrainer.branch_rule_of_unrecorded_checkpoints == BranchRule(CPCSegTrainer.branch_kwargs["weight"])
+    for cls in (CPCSegTrainer, ssCPCSegConstTrainer, ssCPCSegCapTrainer, CPCSegCapTrainer):
+        assert cls.branch_rule_of_unrecorded_checkpoints is None, cls  # their rules never changed
 
 
 def test_the_zero_control_is_cpcseg_with_weight_zero_and_nothing_else_changed():
-    for control, model in ((CPCSegZeroTrainer, CPCSegTrainer), (ssCPCSegZeroTrainer, ssCPCSegTrainer)):
+    for control, model in ((CPCSegZeroTrainer, CPCSegTrainer), (ssCPCSegZeroTrainer, ssCPCSegConstTrainer)):
         assert issubclass(control, CPCSegTrainer) and control.branch_kwargs == {"weight": 0.0}
         assert (control.branch_rampup_fraction, control.branch_pull_cap, control.monitor_probes) == \
             (model.branch_rampup_fraction, model.branch_pull_cap, model.monitor_probes)

@@ -190,6 +190,45 @@ def test_checkpoint_appears_only_with_its_branch(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint_best.pth"]
 
 
+def test_a_checkpoint_resumes_only_under_the_branch_rule_it_recorded():
+    """The branch rule (weight, ramp, cap) rides in the checkpoint; a trainer whose rule differs from the recorded one
+    (or, for a checkpoint that records none, from the rule its class declares for such checkpoints) refuses to
+    continue it, naming both rules; the same rule continues."""
+    from nnunet_ext.trainers.monitor import BranchMonitor
+    from nnunet_ext.trainers.multitask import BranchRule, BranchRuleMismatchError, MultiTaskTrainer
+
+    net = make_net()
+    network = MultiTaskNetwork(net, VAEBranch.from_encoder(net.encoder, PATCH, 4, 3, weight=0.1))
+
+    def trainer(rampup: float = 0.0, cap: float | None = None, unrecorded: BranchRule | None = None):
+        cls = type("RuleTrainer", (MultiTaskTrainer,), {"branch_rampup_fraction": rampup, "branch_pull_cap": cap,
+                                                         "branch_rule_of_unrecorded_checkpoints": unrecorded})
+        t = object.__new__(cls)
+        t.__dict__.update(monitor=BranchMonitor(1, 0), pulls={}, network=network)
+        return t
+
+    saved = trainer(0.2, 1.0).checkpoint_extras()
+    assert saved["branch_rule"] == {"weight": 0.1, "rampup_fraction": 0.2, "pull_cap": 1.0}
+    same = trainer(0.2, 1.0)
+    same.restore_checkpoint_extras(saved, "ckpt.pth")
+    same.check_resumed_rule()  # its own rule: continues
+    for other in (trainer(), trainer(0.2), trainer(0.2, 2.0)):
+        other.restore_checkpoint_extras(saved, "fold_0/ckpt.pth")
+        with pytest.raises(BranchRuleMismatchError, match="fold_0/ckpt.pth was trained with branch weight 0.1, "
+                                                          "ramped up over the first 20% of the steps, pull on the "
+                                                          "encoder capped at 1x the segmentation loss's, but "
+                                                          "RuleTrainer now trains with weight 0.1, "):
+            other.check_resumed_rule()
+    unrecorded = {k: v for k, v in saved.items() if k != "branch_rule"}  # written before rules were recorded
+    plain = trainer(0.2, 1.0)
+    plain.restore_checkpoint_extras(unrecorded, "ckpt.pth")
+    plain.check_resumed_rule()  # nothing declared: the class's rule never changed
+    changed = trainer(0.2, 1.0, unrecorded=BranchRule(0.1))
+    changed.restore_checkpoint_extras(unrecorded, "ckpt.pth")
+    with pytest.raises(BranchRuleMismatchError, match="trained with branch weight 0.1, constant from the first step"):
+        changed.check_resumed_rule()
+
+
 def test_a_cpc_branch_of_weight_zero_adds_no_gradient_and_one_of_weight_half_does():
     """CPCSegZeroTrainer's premise: with weight 0 the branch runs but every parameter gets exactly the gradient of the
     segmentation loss alone (the branch's own ones 0); the same branch at weight 0.5 changes the encoder's."""

@@ -15,7 +15,8 @@ branch loss. nnU-Net's train_step, validation and prediction run unchanged:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
@@ -37,6 +38,28 @@ class BranchBatch:
     """What the branch needs besides the image: region masks (B, K, *spatial), or None."""
 
     target: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class BranchRule:
+    """How a trainer weights its branch loss over training: the weight, the share of the steps it ramps up over (0:
+    constant from the first step) and the cap on its pull on the encoder (None: no cap). Recorded in checkpoints, so
+    that ``--c`` never continues a run under another rule than the one it started with."""
+
+    weight: float
+    rampup_fraction: float = 0.0
+    pull_cap: float | None = None
+
+    def describe(self) -> str:
+        """The rule in words, for logs and errors."""
+        text = f"weight {self.weight:g}, " + (f"ramped up over the first {self.rampup_fraction:.0%} of the steps"
+                                              if self.rampup_fraction > 0 else "constant from the first step")
+        return text + (f", pull on the encoder capped at {self.pull_cap:g}x the segmentation loss's"
+                       if self.pull_cap is not None else "")
+
+
+class BranchRuleMismatchError(RuntimeError):
+    """``--c`` of a checkpoint trained under another branch rule than its trainer's current one."""
 
 
 @dataclass
@@ -142,6 +165,8 @@ class MultiTaskTrainer(ExtTrainer):
     unlabeled losses there, as applied) is held at most this multiple of the segmentation loss's, by scaling the
     branch weight down (:meth:`pull_cap_factor`; None: no cap). ``monitor_probes``: gradient-norm probe steps per
     epoch of the branch monitor (:mod:`nnunet_ext.trainers.monitor`; 0: none; the cap needs them).
+    ``branch_rule_of_unrecorded_checkpoints``: the rule of a checkpoint that records none (written before rules were
+    recorded), when it differs from the trainer's current rule (a default changed); None: the current rule.
     """
 
     branch_class: ClassVar[type[Branch]]
@@ -149,6 +174,7 @@ class MultiTaskTrainer(ExtTrainer):
     branch_rampup_fraction: ClassVar[float] = 0.0
     branch_pull_cap: ClassVar[float | None] = None
     monitor_probes: ClassVar[int] = 5
+    branch_rule_of_unrecorded_checkpoints: ClassVar[BranchRule | None] = None
 
     # -- building -----------------------------------------------------------------------------------
     def initialize(self):
@@ -190,6 +216,12 @@ class MultiTaskTrainer(ExtTrainer):
     def branch_arguments(self) -> dict:
         """Keyword arguments of the branch (hook: derive them from the plans or the device)."""
         return dict(self.branch_kwargs)
+
+    @property
+    def branch_rule(self) -> BranchRule:
+        """This trainer's :class:`BranchRule`."""
+        return BranchRule(float(self.multitask_network.branch.weight), float(self.branch_rampup_fraction),
+                          None if self.branch_pull_cap is None else float(self.branch_pull_cap))
 
     @property
     def num_branch_targets(self) -> int:
@@ -296,6 +328,26 @@ class MultiTaskTrainer(ExtTrainer):
         self.iteration_in_epoch += 1
         return result
 
+    def on_train_start(self):
+        """:meth:`check_resumed_rule` before anything is trained or written, then nnU-Net's (``--val``, which trains
+        nothing, never gets here: a folder trained under an earlier rule still validates)."""
+        self.check_resumed_rule()
+        super().on_train_start()
+
+    def check_resumed_rule(self) -> None:
+        """Raise :class:`BranchRuleMismatchError` when the loaded checkpoint was trained under another
+        :class:`BranchRule` than this trainer's (``--c`` would change the rule in the middle of training)."""
+        resumed = getattr(self, "resumed_rule", None)
+        if resumed is None or resumed[0] == self.branch_rule:
+            return
+        rule, source = resumed
+        raise BranchRuleMismatchError(
+            f"{source} was trained with branch {rule.describe()}, but {type(self).__name__} now trains with "
+            f"{self.branch_rule.describe()} (its default changed; docs/study.md, \"CPC stability\"). Continuing it "
+            f"with --c would change the rule in the middle of training. Finish it with the nnunet_ext version that "
+            f"started it, or move {os.path.dirname(source)} away to train this fold again under the current rule "
+            f"(the paper's constant weight is ssCPCSegConstTrainer).")
+
     def on_epoch_end(self):
         """The epoch's monitor record (with nnU-Net's pseudo Dice of this epoch) is closed before nnU-Net's epoch end
         saves a checkpoint, and written to the fold folder after it."""
@@ -311,13 +363,15 @@ class MultiTaskTrainer(ExtTrainer):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
-        """``branch_weights`` and ``branch_class`` (the optimizer state already covers the branch)."""
+        """``branch_weights``, ``branch_class`` and ``branch_rule`` (the optimizer state already covers the branch)."""
         branch = self.multitask_network.branch
         return {"branch_weights": branch.state_dict(), "branch_class": type(branch).__name__,
+                "branch_rule": asdict(self.branch_rule),
                 "branch_monitor": self.monitor.state_dict(), "branch_pulls": dict(self.pulls)}
 
     def restore_checkpoint_extras(self, checkpoint: dict, source: str) -> None:
-        """The branch weights (an error if they are missing)."""
+        """The branch weights (an error if they are missing); the rule the checkpoint was trained with is kept for
+        :meth:`on_train_start` to compare."""
         if "branch_weights" not in checkpoint:
             raise RuntimeError(f"{source}: checkpoint has no 'branch_weights'; it was not "
                                f"written by a {type(self).__name__} and cannot resume its branch.")
@@ -325,3 +379,6 @@ class MultiTaskTrainer(ExtTrainer):
         if "branch_monitor" in checkpoint:  # absent in checkpoints of earlier versions: the curves start anew
             self.monitor.load_state_dict(checkpoint["branch_monitor"])
         self.pulls = dict(checkpoint.get("branch_pulls", {}))
+        recorded = checkpoint.get("branch_rule")
+        rule = BranchRule(**recorded) if recorded is not None else self.branch_rule_of_unrecorded_checkpoints
+        self.resumed_rule = (rule, source) if rule is not None else None

@@ -32,6 +32,7 @@ BASES: dict[str, tuple[str, bool]] = {
     "CPCSegTrainer": ("nnunet_ext.trainers.cpc", False),
     "ssVAESegTrainer": ("nnunet_ext.trainers.vae", True),
     "ssCPCSegTrainer": ("nnunet_ext.trainers.cpc", True),
+    "ssCPCSegConstTrainer": ("nnunet_ext.trainers.cpc", True),
     "CPCSegCapTrainer": ("nnunet_ext.trainers.cpc", False),
     "ssCPCSegCapTrainer": ("nnunet_ext.trainers.cpc", True),
     "CPCSegZeroTrainer": ("nnunet_ext.trainers.cpc", False),
