@@ -58,9 +58,11 @@ class ssCPCSegTrainer(SemiSupervisedMixin, CPCSegTrainer):
     over the first 20 % of the steps and scaled down wherever CPC would pull on the shared encoder harder than the
     segmentation loss (the rule of CPCSegCapTrainer). The paper's constant weight: :class:`ssCPCSegConstTrainer`.
 
-    Why not the paper's constant weight: on the 96 preset (10 seeded repeats on each of two synthetic datasets) the
-    constant weight cost the enhancing tumour beyond #19's bar on one dataset (ET dDice -0.023 [-0.041, -0.006]),
-    where the ramp and cap met the bar on both (docs/study.md, "CPC stability").
+    Why not the paper's constant weight: on the 96 preset (10 seeded repeats on each of two synthetic datasets, the
+    rule fixed before either was run to 10) the constant weight cost the enhancing tumour beyond #19's bar on
+    Dataset987 (ET dDice vs EncDec -0.023 [-0.041, -0.006]); the ramp and cap met the bar on both (987: -0.005
+    [-0.026, +0.017]; 986: +0.017 [-0.007, +0.042], where the constant weight had +0.030 [-0.001, +0.065]):
+    docs/study.md, "CPC stability". Under DDP the cap has no probes to act on and only the ramp applies.
     """
 
     trainer_spec = TrainerSpec(base="ssCPCSegTrainer")
