@@ -16,14 +16,18 @@ class ForeignCheckpointError(ValueError):
     """A checkpoint in a trainer's result folder was written by another trainer."""
 
 
-def written_by(path: str) -> str | None:
-    """The ``trainer_name`` nnU-Net recorded in the checkpoint file ``path`` (None when it records none).
-
-    The file is memory-mapped, so only the entries read are loaded, not the weights."""
+def entry(path: str, key: str):
+    """The entry ``key`` of the checkpoint file ``path`` (None when it has none). The file is memory-mapped, so only
+    the entries read are loaded, not the weights."""
     import torch
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return checkpoint.get("trainer_name") if isinstance(checkpoint, dict) else None
+    return checkpoint.get(key) if isinstance(checkpoint, dict) else None
+
+
+def written_by(path: str) -> str | None:
+    """The ``trainer_name`` nnU-Net recorded in the checkpoint file ``path`` (None when it records none)."""
+    return entry(path, "trainer_name")
 
 
 def check_written_by(found: str | None, path: str, expected: str) -> None:

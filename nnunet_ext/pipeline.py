@@ -136,6 +136,7 @@ class Experiment:
         final = os.path.join(fold_folder, "checkpoint_final.pth")
         if os.path.isfile(final):
             checkpoints.check_written_by(checkpoints.written_by(final), final, trainer)
+            check_trained_rule(trainer, final)
         return True
 
     def train_command(self, trainer: str, fold: int) -> list[str]:
@@ -181,3 +182,30 @@ class Experiment:
         run_command(self.predict_command(trainer, folds, images, output), self.env, self.predict_log(trainer),
                     echo=False)
         return output
+
+
+def check_trained_rule(trainer: str, final: str) -> None:
+    """Raise :class:`~nnunet_ext.trainers.multitask.BranchRuleMismatchError` when the finished checkpoint ``final``
+    of a branch trainer was trained under another branch rule than the trainer's current one (a default changed
+    since, e.g. ssCPCSeg's on 2026-12-08): reported as ``trainer``, it would stand beside folds trained under the
+    current rule. Names outside our trainer grammar are left alone."""
+    from nnunet_ext.trainers.names import BASES, TrainerNameError, parse_trainer_name, trainer_class
+
+    try:
+        base = parse_trainer_name(trainer).base
+    except TrainerNameError:
+        return
+    if base not in BASES:
+        return
+    from nnunet_ext.trainers.multitask import BranchRuleMismatchError, MultiTaskTrainer
+
+    cls = trainer_class(trainer)
+    if not issubclass(cls, MultiTaskTrainer):
+        return
+    rule = cls.rule_of_checkpoint(checkpoints.entry(final, "branch_rule"))
+    if rule is not None and not cls.follows(rule):
+        raise BranchRuleMismatchError(
+            f"{final} was trained with branch {rule.describe()}, but {trainer} now trains with another rule (its "
+            f"default changed; docs/study.md, \"CPC stability\"): reported as {trainer} it would stand beside folds "
+            f"trained under the current rule. Move {os.path.dirname(os.path.dirname(final))} away to train it again "
+            f"(the paper's constant weight is ssCPCSegConstTrainer), or report it from the run that trained it.")

@@ -119,27 +119,43 @@ def test_interrupted_training_resumes_with_c(branch_dataset):
     assert os.path.isfile(os.path.join(folder, "branch_progress.png"))
 
 
-def test_c_refuses_a_checkpoint_trained_under_another_branch_rule_and_val_still_runs(branch_dataset):
-    """ssCPCSeg's default changed from the paper's constant weight to the ramp and pull cap: ``--c`` of an ssCPCSeg
-    checkpoint written before checkpoints recorded their rule (so: the constant weight) is refused by name before
-    anything is trained or written, while ``--val`` of the same folder, which trains nothing, still validates."""
+def test_a_checkpoint_trained_under_another_branch_rule_is_neither_continued_nor_studied(branch_dataset):
+    """ssCPCSeg's default changed from the paper's constant weight to the ramp and pull cap. An ssCPCSeg checkpoint
+    written before checkpoints recorded their rule (so: the constant weight) is not continued by ``--c`` (refused by
+    name, nothing written); a finished one still completes an interrupted final validation with ``--c`` and keeps
+    its rule on record, and the study refuses to count it as a trained ssCPCSeg fold."""
+    from nnunet_ext.pipeline import check_trained_rule
+    from nnunet_ext.trainers.multitask import BranchRuleMismatchError
+
     ds = branch_dataset
-    trainer = "ssCPCSegTrainer_3labels_1epochs_2iters_noMirroring"
+    trainer = "ssCPCSegTrainer_3labels_2epochs_2iters_noMirroring"
     train(ds, trainer)
-    final = os.path.join(fold_dir(ds, trainer), "checkpoint_final.pth")
+    folder = fold_dir(ds, trainer)
+    final = os.path.join(folder, "checkpoint_final.pth")
     checkpoint = torch.load(final, map_location="cpu", weights_only=False)
     assert checkpoint["branch_rule"] == {"weight": 0.05, "rampup_fraction": 0.2, "pull_cap": 1.0}
+    check_trained_rule(trainer, final)  # its own rule: a trained fold
     del checkpoint["branch_rule"]  # as an earlier version wrote it
     torch.save(checkpoint, final)
-    mtime = os.path.getmtime(final)
+    train(ds, trainer, 0, "--c")  # finished: nothing to train, the final validation runs again
+    constant = {"weight": 0.05, "rampup_fraction": 0.0, "pull_cap": None}
+    assert torch.load(final, map_location="cpu", weights_only=False)["branch_rule"] == constant
+    with pytest.raises(BranchRuleMismatchError, match=f"{final} was trained with branch weight 0.05, constant from "
+                                                      f"the first step, but {trainer} now trains with another rule"):
+        check_trained_rule(trainer, final)
+    checkpoint.update(current_epoch=1)  # unfinished: stopped after its first of 2 epochs
+    latest = os.path.join(folder, "checkpoint_latest.pth")
+    torch.save(checkpoint, latest)
+    os.remove(final)
+    mtime = os.path.getmtime(latest)
     cmd = ["nnUNetv2_train", str(ds["id"]), "3d_fullres", "0", "-p", ds["plans"], "-tr", trainer, "-device", "cpu"]
     proc = subprocess.run([*cmd, "--c"], env=ds["env"], capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
-    assert (f"{final} was trained with branch weight 0.05, constant from the first step, but {trainer} now trains "
+    assert (f"{latest} was trained with branch weight 0.05, constant from the first step, but {trainer} now trains "
             f"with weight 0.05, ramped up over the first 20% of the steps, pull on the encoder capped at 1x the "
             f"segmentation loss's") in proc.stderr
-    assert "ssCPCSegConstTrainer" in proc.stderr and os.path.getmtime(final) == mtime
-    run([*cmd, "--val"], ds["env"])  # validation only: no rule is applied, so nothing to refuse
+    assert "ssCPCSegConstTrainer" in proc.stderr and os.path.getmtime(latest) == mtime
+    assert not os.path.exists(final)
 
 
 @pytest.mark.parametrize("trainer, expected", [

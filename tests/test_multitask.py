@@ -200,11 +200,16 @@ def test_a_checkpoint_resumes_only_under_the_branch_rule_it_recorded():
     net = make_net()
     network = MultiTaskNetwork(net, VAEBranch.from_encoder(net.encoder, PATCH, 4, 3, weight=0.1))
 
-    def trainer(rampup: float = 0.0, cap: float | None = None, unrecorded: BranchRule | None = None):
+    def trainer(rampup: float = 0.0, cap: float | None = None, unrecorded: BranchRule | None = None,
+                weight: float = 0.1, epoch: int = 3):
         cls = type("RuleTrainer", (MultiTaskTrainer,), {"branch_rampup_fraction": rampup, "branch_pull_cap": cap,
-                                                         "branch_rule_of_unrecorded_checkpoints": unrecorded})
+                                                         "branch_rule_of_unrecorded_checkpoints": unrecorded,
+                                                         "branch_kwargs": {"weight": weight}})
+        net = make_net()
         t = object.__new__(cls)
-        t.__dict__.update(monitor=BranchMonitor(1, 0), pulls={}, network=network)
+        t.__dict__.update(monitor=BranchMonitor(1, 0), pulls={}, current_epoch=epoch, num_epochs=10, network=(
+            network if weight == 0.1 else MultiTaskNetwork(net, VAEBranch.from_encoder(net.encoder, PATCH, 4, 3,
+                                                                                         weight=weight))))
         return t
 
     saved = trainer(0.2, 1.0).checkpoint_extras()
@@ -212,12 +217,13 @@ def test_a_checkpoint_resumes_only_under_the_branch_rule_it_recorded():
     same = trainer(0.2, 1.0)
     same.restore_checkpoint_extras(saved, "ckpt.pth")
     same.check_resumed_rule()  # its own rule: continues
-    for other in (trainer(), trainer(0.2), trainer(0.2, 2.0)):
+    assert type(same).follows(BranchRule(0.1, 0.2, 1.0)) and not type(same).follows(BranchRule(0.2, 0.2, 1.0))
+    for other in (trainer(), trainer(0.2), trainer(0.2, 2.0), trainer(0.2, 1.0, weight=0.2)):
         other.restore_checkpoint_extras(saved, "fold_0/ckpt.pth")
         with pytest.raises(BranchRuleMismatchError, match="fold_0/ckpt.pth was trained with branch weight 0.1, "
                                                           "ramped up over the first 20% of the steps, pull on the "
                                                           "encoder capped at 1x the segmentation loss's, but "
-                                                          "RuleTrainer now trains with weight 0.1, "):
+                                                          "RuleTrainer now trains with weight 0.[12], "):
             other.check_resumed_rule()
     unrecorded = {k: v for k, v in saved.items() if k != "branch_rule"}  # written before rules were recorded
     plain = trainer(0.2, 1.0)
@@ -227,6 +233,10 @@ def test_a_checkpoint_resumes_only_under_the_branch_rule_it_recorded():
     changed.restore_checkpoint_extras(unrecorded, "ckpt.pth")
     with pytest.raises(BranchRuleMismatchError, match="trained with branch weight 0.1, constant from the first step"):
         changed.check_resumed_rule()
+    finished = trainer(0.2, 1.0, unrecorded=BranchRule(0.1), epoch=10)  # --c of a finished run trains nothing
+    finished.restore_checkpoint_extras(unrecorded, "ckpt.pth")
+    finished.check_resumed_rule()
+    assert finished.checkpoint_extras()["branch_rule"] == {"weight": 0.1, "rampup_fraction": 0.0, "pull_cap": None}
 
 
 def test_a_cpc_branch_of_weight_zero_adds_no_gradient_and_one_of_weight_half_does():

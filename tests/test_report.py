@@ -467,5 +467,10 @@ def test_report_command_refuses_a_repeat_held_twice_and_a_cell_trained_with_othe
                                          r"nnUNetGNPlans \(GroupNorm\) in .*c/cases.csv: not one cell"):
         merged_cases([a, c])
     assert len(merged_cases([a])) == len(cases)  # the positive control: one run merges with nothing
+    (tmp_path / "d").mkdir()
+    write_csv([replace(c, repeat=7, nsd=0.5) for c in cases], str(tmp_path / "d" / "cases.csv"))
+    with pytest.raises(ValueError, match=r"d/cases.csv has the columns .*, nsd, but .*a/cases.csv has .*different "
+                                         r"--metrics"):
+        merged_cases([a, str(tmp_path / "d" / "cases.csv")])
     with pytest.raises(FileNotFoundError, match="--cases: no file"):
         merged_cases([str(tmp_path / "missing.csv")])

@@ -8,12 +8,14 @@ checkpoints, e.g. to join the repeats 0-4 of a grid trained on one machine with 
     nnunet-ext report --cases runA/cases.csv runB/cases.csv --output merged
 
 Refused, naming the files: a case result that two files both hold (the same repeat trained twice), a cell whose
-repeats were trained with different plans or norms, and an output folder that already holds a report.
+repeats were trained with different plans or norms, files with different metric columns (evaluated with different
+``--metrics``), and an output folder that already holds a report.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 
 from nnunet_ext.evaluation.report import BASELINE, FILES, CaseResult, cell_of, read_cases_csv, write_report
@@ -33,9 +35,16 @@ def merged_cases(paths: list[str]) -> list[CaseResult]:
     seen: dict[tuple, str] = {}
     built_with: dict[tuple, tuple[str, str, str]] = {}
     cases: list[CaseResult] = []
+    columns: tuple[list[str], str] | None = None
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--cases: no file {path}")
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        columns = columns or (header, path)
+        if header != columns[0]:  # e.g. --metrics in one run only: its means would cover some repeats only
+            raise ValueError(f"{path} has the columns {', '.join(header)}, but {columns[1]} has "
+                             f"{', '.join(columns[0])}: runs evaluated with different --metrics; evaluate them alike")
         for r in read_cases_csv(path):
             key = (cell_of(r), r.repeat, r.policy, r.region, r.case)
             if key in seen:

@@ -109,6 +109,7 @@ class CPCSegZeroTrainer(CPCSegTrainer):
 
 
 class ssCPCSegZeroTrainer(SemiSupervisedMixin, CPCSegZeroTrainer):
-    """ssCPCSeg's negative control: both CPC passes (labeled and unlabeled batch) run with weight 0."""
+    """ssCPCSeg's negative control: both CPC passes (labeled and unlabeled batch) run with weight 0 (the rules of
+    ssCPCSegConst; with weight 0 ssCPCSeg's ramp and cap would change nothing)."""
 
     trainer_spec = TrainerSpec(base="ssCPCSegZeroTrainer")

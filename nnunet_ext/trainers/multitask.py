@@ -58,8 +58,9 @@ class BranchRule:
                        if self.pull_cap is not None else "")
 
 
-class BranchRuleMismatchError(RuntimeError):
-    """``--c`` of a checkpoint trained under another branch rule than its trainer's current one."""
+class BranchRuleMismatchError(ValueError):
+    """A checkpoint trained under another branch rule than its trainer's current one: ``--c`` would change the rule
+    mid-training, and a study would report it beside folds trained under the current rule."""
 
 
 @dataclass
@@ -224,6 +225,26 @@ class MultiTaskTrainer(ExtTrainer):
                           None if self.branch_pull_cap is None else float(self.branch_pull_cap))
 
     @property
+    def trained_rule(self) -> BranchRule:
+        """The rule the weights were trained with: a resumed checkpoint's (it differs from :attr:`branch_rule` only
+        for a finished run, which :meth:`check_resumed_rule` lets through), else this trainer's."""
+        resumed = getattr(self, "resumed_rule", None)
+        return resumed[0] if resumed is not None else self.branch_rule
+
+    @classmethod
+    def rule_of_checkpoint(cls, recorded: dict | None) -> BranchRule | None:
+        """The rule a checkpoint of this trainer was trained with: its ``branch_rule`` record, or
+        ``branch_rule_of_unrecorded_checkpoints`` (None: this trainer's rule, never changed)."""
+        return BranchRule(**recorded) if recorded is not None else cls.branch_rule_of_unrecorded_checkpoints
+
+    @classmethod
+    def follows(cls, rule: BranchRule) -> bool:
+        """Whether ``rule`` is this trainer class's (the weight compared where ``branch_kwargs`` names one)."""
+        weight = float(cls.branch_kwargs.get("weight", rule.weight))
+        cap = None if cls.branch_pull_cap is None else float(cls.branch_pull_cap)
+        return rule == BranchRule(weight, float(cls.branch_rampup_fraction), cap)
+
+    @property
     def num_branch_targets(self) -> int:
         """Number of binary masks a labeled sample gives the branch (regions, or foreground labels)."""
         lm = self.label_manager
@@ -338,8 +359,8 @@ class MultiTaskTrainer(ExtTrainer):
         """Raise :class:`BranchRuleMismatchError` when the loaded checkpoint was trained under another
         :class:`BranchRule` than this trainer's (``--c`` would change the rule in the middle of training)."""
         resumed = getattr(self, "resumed_rule", None)
-        if resumed is None or resumed[0] == self.branch_rule:
-            return
+        if resumed is None or resumed[0] == self.branch_rule or self.current_epoch >= self.num_epochs:
+            return  # a finished run (--c of an interrupted final validation) trains nothing; it keeps its record
         rule, source = resumed
         raise BranchRuleMismatchError(
             f"{source} was trained with branch {rule.describe()}, but {type(self).__name__} now trains with "
@@ -366,7 +387,7 @@ class MultiTaskTrainer(ExtTrainer):
         """``branch_weights``, ``branch_class`` and ``branch_rule`` (the optimizer state already covers the branch)."""
         branch = self.multitask_network.branch
         return {"branch_weights": branch.state_dict(), "branch_class": type(branch).__name__,
-                "branch_rule": asdict(self.branch_rule),
+                "branch_rule": asdict(self.trained_rule),
                 "branch_monitor": self.monitor.state_dict(), "branch_pulls": dict(self.pulls)}
 
     def restore_checkpoint_extras(self, checkpoint: dict, source: str) -> None:
@@ -379,6 +400,5 @@ class MultiTaskTrainer(ExtTrainer):
         if "branch_monitor" in checkpoint:  # absent in checkpoints of earlier versions: the curves start anew
             self.monitor.load_state_dict(checkpoint["branch_monitor"])
         self.pulls = dict(checkpoint.get("branch_pulls", {}))
-        recorded = checkpoint.get("branch_rule")
-        rule = BranchRule(**recorded) if recorded is not None else self.branch_rule_of_unrecorded_checkpoints
+        rule = self.rule_of_checkpoint(checkpoint.get("branch_rule"))
         self.resumed_rule = (rule, source) if rule is not None else None
