@@ -69,7 +69,7 @@ class ssCPCSegTrainer(SemiSupervisedMixin, CPCSegTrainer):
     branch_rampup_fraction = 0.2
     branch_pull_cap = 1.0
     # checkpoints written before the rule was recorded in them ran the constant weight (the default until then)
-    branch_rule_of_unrecorded_checkpoints = BranchRule(weight=0.05)
+    branch_rule_of_unrecorded_checkpoints = BranchRule(weight=CPCSegTrainer.branch_kwargs["weight"])
 
 
 class ssCPCSegConstTrainer(SemiSupervisedMixin, CPCSegTrainer):

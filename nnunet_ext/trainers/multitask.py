@@ -218,11 +218,16 @@ class MultiTaskTrainer(ExtTrainer):
         """Keyword arguments of the branch (hook: derive them from the plans or the device)."""
         return dict(self.branch_kwargs)
 
+    @classmethod
+    def rule_with_weight(cls, weight: float) -> BranchRule:
+        """This trainer class's :class:`BranchRule` for a branch of ``weight``."""
+        cap = None if cls.branch_pull_cap is None else float(cls.branch_pull_cap)
+        return BranchRule(float(weight), float(cls.branch_rampup_fraction), cap)
+
     @property
     def branch_rule(self) -> BranchRule:
-        """This trainer's :class:`BranchRule`."""
-        return BranchRule(float(self.multitask_network.branch.weight), float(self.branch_rampup_fraction),
-                          None if self.branch_pull_cap is None else float(self.branch_pull_cap))
+        """This trainer's :class:`BranchRule` (its built branch's weight)."""
+        return self.rule_with_weight(self.multitask_network.branch.weight)
 
     @property
     def trained_rule(self) -> BranchRule:
@@ -240,9 +245,7 @@ class MultiTaskTrainer(ExtTrainer):
     @classmethod
     def follows(cls, rule: BranchRule) -> bool:
         """Whether ``rule`` is this trainer class's (the weight compared where ``branch_kwargs`` names one)."""
-        weight = float(cls.branch_kwargs.get("weight", rule.weight))
-        cap = None if cls.branch_pull_cap is None else float(cls.branch_pull_cap)
-        return rule == BranchRule(weight, float(cls.branch_rampup_fraction), cap)
+        return rule == cls.rule_with_weight(cls.branch_kwargs.get("weight", rule.weight))
 
     @property
     def num_branch_targets(self) -> int:
